@@ -1,0 +1,29 @@
+# Two commands: `make demo` and `make test`. Both create .venv when it is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+JAX_VERSION := 0.10.2
+STAMP := $(VENV)/.installed
+
+.PHONY: test test-heavy demo venv clean
+
+$(STAMP): setup.py
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	# libtpu: lets this CPU machine compile (not run) for TPU, for the ahead-of-time tests.
+	$(BIN)/pip install -q "jax[tpu]==$(JAX_VERSION)"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The suite runs on 8 forced CPU devices (tests/conftest.py sets XLA_FLAGS before JAX starts).
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+# Tests marked heavy (real-width models, long soaks); not part of `make test`.
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -q -m heavy tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
