@@ -113,7 +113,6 @@ class VLMConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat_policy: str = "none"  # none | full | dots | dots_no_batch
-    scan_layers: bool = True
     sam_attention_impl: str = "auto"  # relpos attention for SAM global blocks: auto|pallas|blockwise|reference
 
     def __post_init__(self):
@@ -212,6 +211,7 @@ def deepseek_vl_7b() -> VLMConfig:
         siglip=SiglipConfig(),
         sam=SamConfig(),
         adapter="low_high_hybrid_split_mlp_gelu",
+        unused_hybrid_norms=True,
     )
 
 

@@ -1,0 +1,146 @@
+"""`load_pretrained`: a PyTorch checkpoint folder (HF-port or official layout) → `VLM`, one tensor at a time.
+
+The layout is detected from `config.json`'s `model_type`; the declarative key map (`keymap.py`) says
+where each tensor goes and how it is transformed. Stacked layer params are assembled in one host
+buffer each and moved to the device (sharded when a mesh is given) as soon as they are complete, so
+the host never holds a second full copy of the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from dsvl_jax import sharding
+from dsvl_jax.config import VLMConfig
+from dsvl_jax.convert import keymap
+from dsvl_jax.convert.config_io import ConfigError, from_any
+from dsvl_jax.convert.safetensors_io import FLOAT_CODES, CheckpointError, SafetensorsReader
+from dsvl_jax.models.vlm import abstract_params
+
+# Keys PyTorch checkpoints may carry that hold nothing the model needs.
+IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_config(path: str) -> tuple:
+    """(layout, VLMConfig, raw dict) from `path/config.json`, with errors that name the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        listing = sorted(os.listdir(path))
+        what = "is empty" if not listing else f"has no config.json (found {listing[:6]})"
+        raise CheckpointError(f"{path}: not a DeepSeek-VL checkpoint: the directory {what}")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{cfg_path}: unreadable JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object")
+    layout, cfg = from_any(raw, cfg_path)
+    return layout, cfg, raw
+
+
+def _target_dtype(code: str, dtype) -> np.dtype:
+    if dtype is not None:
+        return np.dtype(jnp.dtype(dtype))
+    from dsvl_jax.convert.safetensors_io import _DTYPES
+    return _DTYPES[code]
+
+
+def load_params(reader: SafetensorsReader, cfg: VLMConfig, layout: str, *, dtype=None, mesh=None) -> dict:
+    """Read every tensor the key map names, check shape and dtype, return our nested param dict."""
+    boxed = abstract_params(cfg)
+    shapes = traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/")
+    shardings = None
+    if mesh is not None:
+        shardings = traverse_util.flatten_dict(sharding.param_shardings(boxed, mesh), sep="/")
+    maps = list(keymap.mappings(cfg, layout))
+    expected = {m.torch_key for m in maps}
+    missing = sorted(expected - set(reader.keys()))
+    if missing:
+        raise CheckpointError(f"{reader.folder}: {len(missing)} tensors missing from the checkpoint, e.g. "
+                              f"{missing[:5]} (config says {layout} layout)")
+    extra = sorted(k for k in reader.keys() if k not in expected and not k.endswith(IGNORABLE_SUFFIXES))
+    tied_head = [k for k in extra if k in ("lm_head.weight", "language_model.lm_head.weight")
+                 and cfg.tie_word_embeddings]
+    extra = [k for k in extra if k not in tied_head]
+    if extra:
+        raise CheckpointError(f"{reader.folder}: {len(extra)} unexpected tensors for this config, e.g. {extra[:5]}")
+
+    buffers, filled, out = {}, {}, {}
+    n_layers = {}
+    for m in maps:
+        for p in m.ours:
+            if m.layer is not None:
+                n_layers[p] = shapes[p].shape[0]
+
+    def finish(p):
+        arr = buffers.pop(p)
+        out[p] = jax.device_put(arr, shardings[p]) if shardings is not None else jnp.asarray(arr)
+
+    for m in maps:
+        shape, code = reader.info(m.torch_key)
+        where = f"{reader.file_of(m.torch_key)}: tensor {m.torch_key!r}"
+        if code not in FLOAT_CODES:
+            raise CheckpointError(f"{where} has dtype {code}; expected a floating point type")
+        per_layer = [shapes[p].shape[1:] if m.layer is not None else shapes[p].shape for p in m.ours]
+        want = keymap.torch_shape(m.kind, per_layer, m.in_ndim, m.lead_ones)
+        if tuple(shape) != tuple(want):
+            raise CheckpointError(f"{where} has shape {tuple(shape)}; the config needs {tuple(want)} "
+                                  f"(for {', '.join(m.ours)})")
+        t = reader.get(m.torch_key)
+        target = _target_dtype(code, dtype)
+        parts = keymap.to_ours(m.kind, t, per_layer, m.in_ndim)
+        del t
+        for p, arr in zip(m.ours, parts):
+            arr = arr.astype(target, copy=False)
+            if m.layer is None:
+                buffers[p] = np.ascontiguousarray(arr)
+                finish(p)
+                continue
+            if p not in buffers:
+                buffers[p] = np.empty(shapes[p].shape, target)
+                filled[p] = 0
+            buffers[p][m.layer] = arr
+            filled[p] += 1
+            if filled[p] == n_layers[p]:
+                finish(p)
+    if buffers:
+        raise CheckpointError(f"{reader.folder}: incomplete stacked params {sorted(buffers)[:3]}")
+    return traverse_util.unflatten_dict(out, sep="/")
+
+
+def load_pretrained(path: str, dtype=None, *, mesh=None, layout: Optional[str] = None, config_overrides=None):
+    """A checkpoint folder in the HF-port or official layout → `dsvl_jax.VLM` (config, params, __call__).
+
+    dtype: None keeps the checkpoint's dtype (bf16 stays bf16); otherwise params are cast, and the
+    compute dtype follows. mesh: params are placed sharded by the logical rules."""
+    from dsvl_jax.vlm import VLM
+
+    found_layout, cfg, _ = read_config(path)
+    if layout is not None and layout != found_layout:
+        raise CheckpointError(f"{path}: config.json is in the {found_layout} layout, not {layout}")
+    reader = SafetensorsReader(path)
+    if cfg.is_hybrid and found_layout == "official":
+        cfg = cfg.replace(unused_hybrid_norms="vision_model.high_layer_norm.weight" in reader)
+    codes = {reader.info(k)[1] for k in reader.keys()}
+    if dtype is None and len(codes & set(FLOAT_CODES)) == 1:
+        d = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}[next(iter(codes & set(FLOAT_CODES)))]
+    else:
+        d = jnp.dtype(dtype or jnp.float32).name
+    cfg = cfg.replace(dtype=d, param_dtype=d, **(config_overrides or {}))
+    try:
+        params = load_params(reader, cfg, found_layout, dtype=dtype, mesh=mesh)
+    finally:
+        reader.close()
+    return VLM(cfg, params, mesh=mesh)

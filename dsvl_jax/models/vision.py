@@ -1,0 +1,68 @@
+"""The vision side: one SigLIP tower (1.3B) or the SAM-B + SigLIP hybrid (7B), plus input contracts.
+
+Two input contracts:
+- HF-port: `pixel_values` (low-res, SigLIP-normalised) and, for the hybrid, `high_res_pixel_values`
+  (CLIP-normalised), both NCHW.
+- official: one [0,1] NCHW image at `cfg.image_size`; each branch normalises it with its own
+  mean/std, and the hybrid makes the low-res view inside with an antialiased bilinear resize
+  (torchvision `Resize(384, antialias=True)` in the official `HybridVisionTower`).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dsvl_jax.config import VLMConfig
+from dsvl_jax.models.common import LayerNorm
+from dsvl_jax.models.sam import SamTower
+from dsvl_jax.models.siglip import SiglipTower
+
+
+def normalize_nchw(x, mean, std):
+    mean = jnp.asarray(mean, jnp.float32)[None, :, None, None]
+    std = jnp.asarray(std, jnp.float32)[None, :, None, None]
+    return (x.astype(jnp.float32) - mean) / std
+
+
+def antialiased_resize_nchw(x, size: int):
+    """Bilinear resize with antialiasing (triangle filter widened by the scale, as torchvision/PIL)."""
+    n, c = x.shape[:2]
+    return jax.image.resize(x.astype(jnp.float32), (n, c, size, size), "bilinear", antialias=True)
+
+
+def views_from_unit_images(images, cfg: VLMConfig):
+    """Official contract → HF-port contract: [N,3,S,S] in [0,1] → (pixel_values, high_res_pixel_values)."""
+    if cfg.sam is None:
+        return normalize_nchw(images, cfg.siglip.pixel_mean, cfg.siglip.pixel_std), None
+    high = normalize_nchw(images, cfg.sam.pixel_mean, cfg.sam.pixel_std)
+    low = antialiased_resize_nchw(images, cfg.siglip.image_size)
+    return normalize_nchw(low, cfg.siglip.pixel_mean, cfg.siglip.pixel_std), high
+
+
+class VisionTowers(nn.Module):
+    """(low [N,3,s,s], high [N,3,S,S] | None) NCHW → (low features [N, g², C_low], high [N, g², 4·C_out] | None)."""
+
+    cfg: VLMConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values, high_res_pixel_values=None):
+        c = self.cfg
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=c.remat_policy)
+        to_nhwc = lambda x: jnp.transpose(x, (0, 2, 3, 1))
+        low = SiglipTower(c.siglip, **kw, name="siglip")(to_nhwc(pixel_values))
+        high = None
+        if c.sam is not None:
+            if high_res_pixel_values is None:
+                raise ValueError("the hybrid model needs high_res_pixel_values (or [0,1] `images`)")
+            high = SamTower(c.sam, c.hd_output_size, c.sam_attention_impl, **kw, name="sam")(
+                to_nhwc(high_res_pixel_values))
+            if c.unused_hybrid_norms:
+                # The official HybridVisionTower builds these two LayerNorms and never calls them; the 7B
+                # checkpoints store them. Created (on a dummy row) only so that conversion is lossless.
+                pd = self.param_dtype
+                LayerNorm(param_dtype=pd, name="high_layer_norm")(jnp.zeros((1, high.shape[-1]), pd))
+                LayerNorm(param_dtype=pd, name="low_layer_norm")(jnp.zeros((1, low.shape[-1]), pd))
+        return low, high

@@ -1,0 +1,117 @@
+"""`VLM`: a loaded model (config + params) you can call like the HF model.
+
+    vlm = dsvl_jax.load_pretrained("path/to/deepseek-vl-7b-chat")
+    logits = vlm(input_ids, pixel_values=..., high_res_pixel_values=..., attention_mask=...)
+
+Inputs are checked eagerly (numpy) before anything compiles; the forward is jit-compiled once per
+input shape. The official contract (`images` in [0,1], `images_seq_mask`, `images_emb_mask`) is
+accepted too.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsvl_jax.config import VLMConfig
+from dsvl_jax.models.vlm import DeepseekVL
+
+
+def _np(x):
+    return None if x is None else np.asarray(x)
+
+
+class InputError(ValueError):
+    """Inputs that do not fit the model; raised before anything compiles."""
+
+
+class VLM:
+    def __init__(self, config: VLMConfig, params, mesh=None):
+        self.config = config
+        self.params = params
+        self.mesh = mesh
+        self.module = DeepseekVL(config)
+
+    # ---- checks ----
+    def check_inputs(self, input_ids, n_images: int, tokens_per_image: Optional[np.ndarray] = None):
+        c = self.config
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2:
+            raise InputError(f"input_ids must be [batch, length], got shape {ids.shape}")
+        if ids.shape[1] > c.text.max_position_embeddings:
+            raise InputError(f"input length {ids.shape[1]} exceeds the context of {c.text.max_position_embeddings}")
+        if ids.size and (ids.max() >= c.text.vocab_size):
+            raise InputError(f"input_ids hold id {int(ids.max())} ≥ vocab_size {c.text.vocab_size}")
+        n_tok = int((ids == c.image_token_id).sum())
+        want = int(tokens_per_image) if tokens_per_image is not None else n_images * c.num_image_tokens
+        if n_tok != want:
+            raise InputError(f"{n_tok} image tokens (id {c.image_token_id}) in input_ids but the images give "
+                             f"{want} features ({n_images} images × {c.num_image_tokens} tokens)")
+
+    def _check_pixels(self, name, x, size):
+        if x.ndim != 4 or x.shape[1:] != (3, size, size):
+            raise InputError(f"{name} must be [num_images, 3, {size}, {size}], got {tuple(x.shape)}")
+        if not np.isfinite(x).all():
+            raise InputError(f"{name} holds NaN or Inf")
+
+    # ---- forward ----
+    @functools.cached_property
+    def _forward(self):
+        def fwd(params, input_ids, attention_mask, pixel_values, high_res_pixel_values, images, feature_valid,
+                image_token_mask):
+            return self.module.apply({"params": params}, input_ids, pixel_values=pixel_values,
+                                     high_res_pixel_values=high_res_pixel_values, images=images,
+                                     image_valid=feature_valid, attention_mask=attention_mask,
+                                     image_token_mask=image_token_mask)
+        return jax.jit(fwd)
+
+    def __call__(self, input_ids, *, pixel_values=None, high_res_pixel_values=None, attention_mask=None,
+                  images=None, images_seq_mask=None, images_emb_mask=None):
+        """Logits [B, T, vocab] (float32).
+
+        HF-port contract: `pixel_values` [N,3,s,s] (+ `high_res_pixel_values` [N,3,S,S] for the hybrid),
+        normalised, N = all images of the batch in row-major order.
+        Official contract: `images` [B, n, 3, S, S] in [0,1] with `images_seq_mask` [B,T] and
+        `images_emb_mask` [B, n, tokens]; padded image slots are encoded and dropped."""
+        c = self.config
+        ids = np.asarray(input_ids)
+        pv, hv, im = _np(pixel_values), _np(high_res_pixel_values), _np(images)
+        feature_valid = token_mask = None
+        if im is not None:
+            if pv is not None or hv is not None:
+                raise InputError("pass either `images` (official contract) or pixel_values (HF contract), not both")
+            if im.ndim != 5:
+                raise InputError(f"images must be [batch, n_images, 3, S, S], got {im.shape}")
+            self._check_pixels("images", im.reshape((-1,) + im.shape[2:]), c.image_size)
+            emb = (np.ones(im.shape[:2] + (c.num_image_tokens,), bool) if images_emb_mask is None
+                   else np.asarray(images_emb_mask, bool))
+            if emb.shape != im.shape[:2] + (c.num_image_tokens,):
+                raise InputError(f"images_emb_mask must be {im.shape[:2] + (c.num_image_tokens,)}, got {emb.shape}")
+            token_mask = (ids == c.image_token_id) if images_seq_mask is None else np.asarray(images_seq_mask, bool)
+            if token_mask.shape != ids.shape:
+                raise InputError(f"images_seq_mask must be {ids.shape}, got {token_mask.shape}")
+            if int(token_mask.sum()) != int(emb.sum()):
+                raise InputError(f"images_seq_mask marks {int(token_mask.sum())} positions but images_emb_mask "
+                                 f"{int(emb.sum())} features")
+            feature_valid = emb.reshape(-1, c.num_image_tokens)
+            im = im.astype(np.float32)
+        elif pv is not None:
+            self._check_pixels("pixel_values", pv, c.siglip.image_size)
+            if c.is_hybrid:
+                if hv is None:
+                    raise InputError("the hybrid model needs high_res_pixel_values with pixel_values")
+                self._check_pixels("high_res_pixel_values", hv, c.sam.image_size)
+                if hv.shape[0] != pv.shape[0]:
+                    raise InputError(f"{pv.shape[0]} low-res but {hv.shape[0]} high-res images")
+            self.check_inputs(ids, pv.shape[0])
+        else:
+            self.check_inputs(ids, 0)
+        am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return self._forward(self.params, jnp.asarray(ids, jnp.int32), am,
+                             None if pv is None else jnp.asarray(pv, jnp.float32),
+                             None if hv is None else jnp.asarray(hv, jnp.float32),
+                             None if im is None else jnp.asarray(im), feature_valid,
+                             None if token_mask is None else jnp.asarray(token_mask))
