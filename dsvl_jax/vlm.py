@@ -34,6 +34,7 @@ class VLM:
         self.params = params
         self.mesh = mesh
         self.module = DeepseekVL(config)
+        self.source = None  # folder it was loaded from (tokenizer / processor files travel from there)
 
     # ---- checks ----
     def check_inputs(self, input_ids, n_images: int, tokens_per_image: Optional[np.ndarray] = None):

@@ -143,4 +143,6 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, layout: Optional[str] =
         params = load_params(reader, cfg, found_layout, dtype=dtype, mesh=mesh)
     finally:
         reader.close()
-    return VLM(cfg, params, mesh=mesh)
+    vlm = VLM(cfg, params, mesh=mesh)
+    vlm.source = os.path.abspath(path)
+    return vlm

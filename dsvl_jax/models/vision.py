@@ -47,22 +47,34 @@ class VisionTowers(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, pixel_values, high_res_pixel_values=None):
+    def setup(self):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=c.remat_policy)
-        to_nhwc = lambda x: jnp.transpose(x, (0, 2, 3, 1))
-        low = SiglipTower(c.siglip, **kw, name="siglip")(to_nhwc(pixel_values))
+        self.siglip = SiglipTower(c.siglip, **kw)
+        if c.sam is not None:
+            self.sam = SamTower(c.sam, c.hd_output_size, c.sam_attention_impl, **kw)
+            if c.unused_hybrid_norms:
+                # The official HybridVisionTower builds these two LayerNorms and never calls them; the 7B
+                # checkpoints store them. Kept only so that conversion is lossless.
+                self.high_layer_norm = LayerNorm(param_dtype=self.param_dtype)
+                self.low_layer_norm = LayerNorm(param_dtype=self.param_dtype)
+
+    def encode_low(self, pixel_values):
+        return self.siglip(jnp.transpose(pixel_values, (0, 2, 3, 1)))
+
+    def encode_high(self, high_res_pixel_values):
+        return self.sam(jnp.transpose(high_res_pixel_values, (0, 2, 3, 1)))
+
+    def __call__(self, pixel_values, high_res_pixel_values=None):
+        c = self.cfg
+        low = self.encode_low(pixel_values)
         high = None
         if c.sam is not None:
             if high_res_pixel_values is None:
                 raise ValueError("the hybrid model needs high_res_pixel_values (or [0,1] `images`)")
-            high = SamTower(c.sam, c.hd_output_size, c.sam_attention_impl, **kw, name="sam")(
-                to_nhwc(high_res_pixel_values))
-            if c.unused_hybrid_norms:
-                # The official HybridVisionTower builds these two LayerNorms and never calls them; the 7B
-                # checkpoints store them. Created (on a dummy row) only so that conversion is lossless.
+            high = self.encode_high(high_res_pixel_values)
+            if c.unused_hybrid_norms and self.is_initializing():
                 pd = self.param_dtype
-                LayerNorm(param_dtype=pd, name="high_layer_norm")(jnp.zeros((1, high.shape[-1]), pd))
-                LayerNorm(param_dtype=pd, name="low_layer_norm")(jnp.zeros((1, low.shape[-1]), pd))
+                self.high_layer_norm(jnp.zeros((1, high.shape[-1]), pd))
+                self.low_layer_norm(jnp.zeros((1, low.shape[-1]), pd))
         return low, high
