@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.models.common import LayerNorm
 from dsvl_jax.models.sam import SamTower
+from dsvl_jax.processing.image import antialias_matrix
 from dsvl_jax.models.siglip import SiglipTower
 
 
@@ -26,9 +27,15 @@ def normalize_nchw(x, mean, std):
 
 
 def antialiased_resize_nchw(x, size: int):
-    """Bilinear resize with antialiasing (triangle filter widened by the scale, as torchvision/PIL)."""
-    n, c = x.shape[:2]
-    return jax.image.resize(x.astype(jnp.float32), (n, c, size, size), "bilinear", antialias=True)
+    """torchvision `Resize(size, antialias=True)` of a float tensor: separable antialiased bilinear.
+
+    Applied as two matmuls with the filter as dense constant matrices (PyTorch's own float32 tap
+    weights); `jax.image.resize(antialias=True)` uses other weights and differs by ~1e-5."""
+    h, w = x.shape[-2:]
+    mh = jnp.asarray(antialias_matrix(h, size))
+    mw = jnp.asarray(antialias_matrix(w, size))
+    x = jnp.einsum("nchw,ow->ncho", x.astype(jnp.float32), mw, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("ncho,ph->ncpo", x, mh, precision=jax.lax.Precision.HIGHEST)
 
 
 def views_from_unit_images(images, cfg: VLMConfig):
