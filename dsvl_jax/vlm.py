@@ -111,8 +111,37 @@ class VLM:
         else:
             self.check_inputs(ids, 0)
         am = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        return self._forward(self.params, jnp.asarray(ids, jnp.int32), am,
+        with self.mesh_context():
+            return self._forward(self.params, jnp.asarray(ids, jnp.int32), am,
                              None if pv is None else jnp.asarray(pv, jnp.float32),
                              None if hv is None else jnp.asarray(hv, jnp.float32),
-                             None if im is None else jnp.asarray(im), feature_valid,
-                             None if token_mask is None else jnp.asarray(token_mask))
+                                 None if im is None else jnp.asarray(im), feature_valid,
+                                 None if token_mask is None else jnp.asarray(token_mask))
+
+    def mesh_context(self):
+        """Inside it, the logical activation constraints of the model apply to `self.mesh`."""
+        import contextlib
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    # ---- generation ----
+    @functools.cached_property
+    def generator(self):
+        """The compiled generation programs (`dsvl_jax.generation.engine.Generator`), kept across calls."""
+        from dsvl_jax.generation.engine import Generator
+        return Generator(self)
+
+    def generate(self, input_ids, *, pixel_values=None, high_res_pixel_values=None, attention_mask=None,
+                 max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k=None, top_p=None,
+                 rng=None, eos_token_id=None, pad_token_id=None) -> np.ndarray:
+        """New token ids [batch, steps] (prompt excluded), with a KV cache and compiled prefill/decode.
+
+        Inputs as `__call__` (HF-port contract; any padding, rows are re-packed to the left). Greedy by
+        default; `do_sample=True` samples with temperature / top-k / top-p from the explicit key `rng`
+        (`jax.random.key(seed)`). A row stops at its first `eos_token_id` (an id or a list); later
+        positions hold `pad_token_id` (default: the first EOS id, else 0). steps = max_new_tokens, or
+        fewer when every row has stopped. See `dsvl_jax.generation.engine` for timings and streaming."""
+        return self.generator.generate(
+            input_ids, pixel_values=pixel_values, high_res_pixel_values=high_res_pixel_values,
+            attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id).tokens

@@ -1,0 +1,132 @@
+"""Forward wall time, dsvl_jax vs transformers (PyTorch eager), same random weights and inputs, fp32, this CPU.
+
+    .venv/bin/python benchmarks/forward_vs_torch.py [--cases small,1p3b,sam] [--repeats 3]
+
+Prints, per case, the median wall time of each side, the ratio dsvl_jax / PyTorch (targets: small ≤ 0.5,
+1.3B ≤ 0.9, SAM-B@1024 ≤ 0.5) and the JAX compile time apart. Both run in this one process, one after the
+other, so the comparison shares the machine's state; absolute times on shared machines mean little.
+Peak memory: the 1.3B case holds two fp32 copies of the weights (~16 GB) for a moment.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dsvl_jax import config as C  # noqa: E402
+from dsvl_jax.convert.state_dict import params_from_torch  # noqa: E402
+from dsvl_jax.models.vlm import DeepseekVL  # noqa: E402
+from tests.helpers import torch_ref as R  # noqa: E402
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _torch_model(cfg, seed=0):
+    """HF model with random weights, built quickly (skipping HF's init, which is not the point here)."""
+    from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
+    klass = DeepseekVLHybridForConditionalGeneration if cfg.is_hybrid else DeepseekVLForConditionalGeneration
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = klass(R.hf_config(cfg))
+    model = model.to_empty(device="cpu").eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.02, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.add_(1.0)
+    return model
+
+
+def case_full_model(name, cfg, text_tokens, repeats):
+    ids = R.prompt_ids(cfg, [1], length=cfg.num_image_tokens + text_tokens, seed=0)
+    pv, hv = R.image_batch(cfg, 1, seed=0)
+    model = _torch_model(cfg)
+    tkw = dict(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pv))
+    if hv is not None:
+        tkw["high_res_pixel_values"] = torch.from_numpy(hv)
+    with torch.inference_mode():
+        model(**tkw)  # warm-up
+        t_torch = _median_time(lambda: model(**tkw).logits, repeats)
+    params = params_from_torch(model, cfg)
+    del model, tkw
+    gc.collect()
+    module = DeepseekVL(cfg)
+    fwd = jax.jit(lambda p, i, a, b: module.apply({"params": p}, i, pixel_values=a, high_res_pixel_values=b))
+    args = (params, jnp.asarray(ids, jnp.int32), jnp.asarray(pv), None if hv is None else jnp.asarray(hv))
+    t0 = time.perf_counter()
+    compiled = fwd.lower(*args).compile()
+    t_compile = time.perf_counter() - t0
+    compiled(*args).block_until_ready()
+    t_jax = _median_time(lambda: compiled(*args).block_until_ready(), repeats)
+    return name, t_torch, t_jax, t_compile
+
+
+def case_sam(repeats):
+    cfg = C.deepseek_vl_7b().replace(text=C.tiny().text, image_token_id=C.tiny().image_token_id)
+    _, hv = R.image_batch(cfg, 1, seed=0)
+    model = _torch_model(cfg)
+    x = torch.from_numpy(hv)
+    with torch.inference_mode():
+        model.model.get_high_res_image_features(x)
+        t_torch = _median_time(lambda: model.model.get_high_res_image_features(x), repeats)
+    params = params_from_torch(model, cfg)
+    del model
+    gc.collect()
+    module = DeepseekVL(cfg)
+    fwd = jax.jit(lambda p, b: module.apply({"params": p}, b, method=lambda m, b: m.vision.encode_high(b)))
+    args = (params, jnp.asarray(hv))
+    t0 = time.perf_counter()
+    compiled = fwd.lower(*args).compile()
+    t_compile = time.perf_counter() - t0
+    compiled(*args).block_until_ready()
+    t_jax = _median_time(lambda: compiled(*args).block_until_ready(), repeats)
+    return f"SAM-B @1024 alone (global attention: {cfg.sam_attention_impl})", t_torch, t_jax, t_compile
+
+
+TARGETS = {"small": 0.5, "1p3b": 0.9, "sam": 0.5}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default="small,1p3b,sam")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+          f"{os.cpu_count()} CPU threads, fp32")
+    print(f"{'case':52s} {'torch s':>9s} {'jax s':>9s} {'ratio':>7s} {'target':>7s} {'compile s':>10s}")
+    for case in args.cases.split(","):
+        if case == "small":
+            row = case_full_model("small (tiny hybrid, 1 image + 64 text tokens)", C.tiny(), 64, args.repeats * 5)
+        elif case == "1p3b":
+            row = case_full_model("1.3B real shapes, 1 image + 64 text tokens", C.deepseek_vl_1p3b(), 64, args.repeats)
+        elif case == "sam":
+            row = case_sam(args.repeats)
+        else:
+            raise SystemExit(f"unknown case {case!r}")
+        name, tt, tj, tc = row
+        print(f"{name:52s} {tt:9.3f} {tj:9.3f} {tj / tt:7.2f} {'≤' + str(TARGETS[case]):>7s} {tc:10.1f}", flush=True)
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
