@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "absl-py",
     "tqdm",
     "tensorboardX",
+    "psutil",
 ]
 
 TEST_REQUIRES = [

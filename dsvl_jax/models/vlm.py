@@ -8,6 +8,7 @@ check happens eagerly in `convert.load.VLM` / the data pipeline, where the array
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from dsvl_jax.config import VLMConfig
@@ -43,6 +44,21 @@ def scatter_image_features(embeds, input_ids, features, image_token_id, image_va
     picked = flat[jnp.clip(k, 0, n * t_img - 1)]
     out = jnp.where(is_img[:, None], picked, embeds.reshape(b * t, d))
     return out.reshape(b, t, d)
+
+
+def scatter_image_features_per_row(embeds, input_ids, features, image_token_id, image_valid):
+    """Per-row placement for batches laid out [B, N_slots, ...] (the training pipeline): row b's k-th
+    image token takes row b's k-th valid feature row. No cross-row (cross-device) indexing."""
+    b, t, d = embeds.shape
+    _, m, _ = features.shape  # [B, N_slots * T_img, D]
+    is_img = input_ids == image_token_id
+    k = jnp.cumsum(is_img, axis=1) - 1  # [B, T]
+    valid = jnp.broadcast_to(image_valid.astype(bool).reshape(b, -1, 1),
+                             (b, image_valid.shape[1], m // image_valid.shape[1])).reshape(b, m)
+    src = jax.vmap(lambda v: jnp.nonzero(v, size=m, fill_value=0)[0])(valid)  # [B, M]
+    idx = jnp.take_along_axis(src, jnp.clip(k, 0, m - 1), axis=1)  # [B, T]
+    picked = jnp.take_along_axis(features.astype(embeds.dtype), idx[..., None], axis=1)
+    return jnp.where(is_img[..., None], picked, embeds)
 
 
 class DeepseekVL(nn.Module):
@@ -90,7 +106,15 @@ class DeepseekVL(nn.Module):
         feats = None
         if pixel_values is not None or images is not None:
             feats = self.encode_images(pixel_values, high_res_pixel_values, images)
-        x = self.embed(input_ids, feats, image_valid, image_token_mask)
+        first = images if images is not None else pixel_values
+        if feats is not None and first.ndim == 5 and image_valid is not None and image_token_mask is None:
+            # [B, N, 3, S, S] slots per row: place per row (keeps a data-sharded batch local).
+            x = self.language_model.embed(input_ids)
+            x = scatter_image_features_per_row(x, input_ids, feats.reshape(b, -1, feats.shape[-1]),
+                                               self.cfg.image_token_id, image_valid)
+            x = constrain(x, ("act_batch", "act_len", "act_embed"))
+        else:
+            x = self.embed(input_ids, feats, image_valid, image_token_mask)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if mask is None:
