@@ -11,6 +11,30 @@ import jax
 import jax.numpy as jnp
 
 
+def check_relpos_inputs(q, k, v, rel_pos_h, rel_pos_w, grid):
+    """Raise ValueError naming the argument when shapes do not describe SAM relpos attention."""
+    try:
+        H, W = (int(g) for g in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid={grid!r}: expected a pair (H, W) of ints") from None
+    if H < 1 or W < 1:
+        raise ValueError(f"grid={grid!r}: both sides must be positive")
+    if q.ndim != 4:
+        raise ValueError(f"q shape {q.shape}: expected [batch, heads, H*W, head_dim]")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{name} shape {x.shape} differs from q shape {q.shape}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {x.dtype} differs from q dtype {q.dtype}")
+    n, d = q.shape[2], q.shape[3]
+    if n != H * W:
+        raise ValueError(f"q has {n} tokens but grid {(H, W)} holds {H * W}")
+    for name, table, side in (("rel_pos_h", rel_pos_h, H), ("rel_pos_w", rel_pos_w, W)):
+        if table.shape != (2 * side - 1, d):
+            raise ValueError(f"{name} shape {table.shape}: expected {(2 * side - 1, d)} "
+                             f"for grid {(H, W)} and head_dim {d}")
+
+
 def relative_tables(q, rel_pos_h, rel_pos_w, grid):
     """rel_h [B, h, N, H] and rel_w [B, h, N, W]: the per-query bias rows along each axis."""
     H, W = grid
@@ -35,13 +59,13 @@ def relpos_bias(q, rel_pos_h, rel_pos_w, grid):
 
 
 def relpos_attention_reference(q, k, v, rel_pos_h, rel_pos_w, *, grid, scale=None):
-    """q, k, v: [batch, heads, H*W, head_dim] → [batch, heads, H*W, head_dim]."""
-    H, W = grid
-    if q.shape[2] != H * W:
-        raise ValueError(f"q has {q.shape[2]} tokens but grid {grid} holds {H * W}")
+    """q, k, v: [batch, heads, H*W, head_dim] → [batch, heads, H*W, head_dim].
+
+    The scale multiplies the float32 q·k products (not a rounded q), as the kernels do.
+    """
+    check_relpos_inputs(q, k, v, rel_pos_h, rel_pos_w, grid)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                        preferred_element_type=jnp.float32)
+    logits = scale * jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits + relpos_bias(q, rel_pos_h, rel_pos_w, grid)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)

@@ -1,13 +1,48 @@
-"""`relpos_attention`: SAM global attention with decomposed relative positions, by implementation."""
+"""`relpos_attention`: SAM global attention with decomposed relative positions, by implementation.
+
+impl:
+  "auto"             Pallas kernel on TPU, blockwise XLA elsewhere (GPU, CPU).
+  "pallas"           Mosaic TPU kernel (`relpos_pallas`), O(N * d) memory, fused backward.
+  "pallas_interpret" the same kernel through the Pallas interpreter (runs on CPU; for tests).
+  "blockwise"        XLA query blocks with a recomputing custom_vjp (`relpos_blockwise`), O(N * block).
+  "reference"        plain XLA with the [B, h, N, N] logits materialised (`reference`).
+"""
 from __future__ import annotations
 
+import jax
+
 from dsvl_jax.ops.reference import relpos_attention_reference
+from dsvl_jax.ops.relpos_blockwise import relpos_attention_blockwise
+from dsvl_jax.ops.relpos_pallas import relpos_attention_pallas
 
-IMPLS = ("auto", "reference")
+IMPLS = ("auto", "pallas", "pallas_interpret", "blockwise", "reference")
 
 
-def relpos_attention(q, k, v, rel_pos_h, rel_pos_w, *, grid, scale=None, impl="auto"):
-    """q, k, v [batch, heads, H*W, head_dim]; rel_pos_h [2H-1, d]; rel_pos_w [2W-1, d]; grid=(H, W)."""
+def resolve_impl(impl: str) -> str:
+    """The concrete implementation `impl` runs as on the current default backend."""
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
-    return relpos_attention_reference(q, k, v, rel_pos_h, rel_pos_w, grid=grid, scale=scale)
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "tpu" else "blockwise"
+    return impl
+
+
+def relpos_attention(q, k, v, rel_pos_h, rel_pos_w, *, grid, scale=None, impl: str = "auto",
+                     block_q: int | None = None, block_k: int | None = None):
+    """SAM attention: softmax(scale q·k + q·R_h[qh-kh+H-1] + q·R_w[qw-kw+W-1]) v.
+
+    q, k, v [batch, heads, H*W, head_dim]; rel_pos_h [2H-1, head_dim]; rel_pos_w [2W-1, head_dim];
+    grid=(H, W); scale defaults to head_dim**-0.5 (the relative terms use the unscaled q).
+    block_q / block_k override the tile sizes (None: each implementation's default; block_k is only
+    used by the Pallas kernel).
+    """
+    impl = resolve_impl(impl)
+    args = (q, k, v, rel_pos_h, rel_pos_w)
+    if impl == "reference":
+        return relpos_attention_reference(*args, grid=grid, scale=scale)
+    if impl == "blockwise":
+        blocks = {} if block_q is None else {"block_q": block_q}
+        return relpos_attention_blockwise(*args, grid=grid, scale=scale, **blocks)
+    blocks = {name: val for name, val in (("block_q", block_q), ("block_k", block_k)) if val is not None}
+    return relpos_attention_pallas(*args, grid=grid, scale=scale, interpret=impl == "pallas_interpret",
+                                   **blocks)
