@@ -43,7 +43,7 @@ setup(
             "dsvl-convert=dsvl_jax.convert.cli:main",
             "dsvl-chat=dsvl_jax.generation.chat_cli:main",
             "dsvl-data=dsvl_jax.data.build_cli:main",
-            "dsvl-train=dsvl_jax.train.cli:main",
+            "dsvl-train=dsvl_jax.train.cli:run",
         ]
     },
 )

@@ -9,3 +9,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Identical programs (the same train step in several tests) compile once per run.
+jax.config.update("jax_compilation_cache_dir", os.environ.get("DSVL_TEST_JAX_CACHE", "/tmp/dsvl_jax_test_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

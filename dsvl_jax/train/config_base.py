@@ -1,0 +1,67 @@
+"""The base training config every config file starts from; every key a run may set lives here.
+
+Unknown keys are an error (`dsvl_jax.train.validate`), so a typo never silently does nothing.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from dsvl_jax.config import VLMConfig
+
+
+def base(model: VLMConfig) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(model.to_dict())
+    c.stage = 1
+    c.trainable = ()  # explicit groups/prefixes (adaptor, llm, siglip, sam, or param paths); () = the stage's set
+    c.init = ml_collections.ConfigDict(dict(
+        from_checkpoint="",  # an earlier stage's workdir (Orbax): params only
+        from_checkpoint_step=-1,  # -1 = latest
+        from_pretrained="",  # a PyTorch checkpoint folder (HF-port or official layout)
+        reinit=(),  # param path prefixes to take from a fresh init instead
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: 0 = all
+    c.batch_size = 256  # global, in rows
+    c.seq_len = 1024
+    c.total_steps = 1000
+    c.grad_accum = 1
+    c.loss_chunk = 512
+    c.seed = 0
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=1e-3, schedule="cosine", warmup_steps=128, end_factor=0.1, milestones=(), step_factor=0.1,
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip=1.0, mu_dtype="float32"))
+    c.data = ml_collections.ConfigDict(dict(
+        tokenizer="",  # tokenizer.json or sentencepiece .model
+        sources=[],  # [{name, paths | tfds_dir, weight, modality: text | multimodal}]
+        eval_sources=[],
+        pack=False,
+        mm_warmup_steps=0,
+        modality_grouping=False,
+        max_images_per_row=1,
+        max_examples_per_row=16,
+        long_examples="split",
+        tasks=(),  # task tags beyond the pipeline's defaults
+        workers=0,
+    ))
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+    c.log_every = 10
+    c.eval_every = 0
+    c.eval_steps = 8
+    c.sample_every = 0
+    c.num_samples = 2
+    c.max_bad_steps = 8  # stop after this many non-finite steps in a row
+    c.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
+    c.debug = ml_collections.ConfigDict(dict(inject_nan_steps=(), log_records=False, stop_after=0))
+    return c
+
+
+def paper_stage(c, *, stage: int, lr: float, schedule: str, warmup: int, steps: int, batch: int, seq_len: int,
+                pack: bool):
+    """Table 4 of the paper for one stage (AdamW β 0.9/0.95, clip 1.0, no weight decay everywhere)."""
+    c.stage = stage
+    c.optimizer.lr, c.optimizer.schedule, c.optimizer.warmup_steps = lr, schedule, warmup
+    if schedule == "step":  # milestones are not given in the paper: ×0.1 at 80% and 90% (a common choice)
+        c.optimizer.milestones = (0.8, 0.9)
+    c.total_steps, c.batch_size, c.seq_len = steps, batch, seq_len
+    c.data.pack = pack
+    return c

@@ -1,0 +1,261 @@
+"""The training loop: config → mesh, data, state (fresh / earlier stage / PyTorch / resumed) → steps,
+with metrics, periodic eval, checkpoints, preemption and the non-finite-step guard.
+
+    from dsvl_jax.train.trainer import train
+    summary = train(config, workdir)      # what `dsvl-train` runs
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from dsvl_jax import sharding
+from dsvl_jax.config import VLMConfig
+from dsvl_jax.convert import orbax_io
+from dsvl_jax.data import loader as data_loader
+from dsvl_jax.data.mixture import SourceConfig
+from dsvl_jax.models.vlm import DeepseekVL
+from dsvl_jax.processing.tokenizer import Tokenizer
+from dsvl_jax.train import flops as flops_lib
+from dsvl_jax.train import stages, validate
+from dsvl_jax.train.checkpointing import Checkpointer, Preemption, abstract_like
+from dsvl_jax.train.metrics import MetricWriter
+from dsvl_jax.train.optimizer import make_optimizer
+from dsvl_jax.train.state import cast_like, init_params, make_state, param_shardings, reinit
+from dsvl_jax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def data_config(config, sources_key: str = "sources", *, num_epochs=None) -> data_loader.DataConfig:
+    d = config.data
+    srcs = []
+    for i, s in enumerate(d[sources_key]):
+        s = dict(s)
+        try:
+            srcs.append(SourceConfig(**s))
+        except TypeError as e:
+            raise validate.ConfigError(f"config.data.{sources_key}[{i}] = {s}: {e}") from None
+    return data_loader.DataConfig(
+        sources=tuple(srcs), mm_warmup_steps=d.mm_warmup_steps, modality_grouping=d.modality_grouping,
+        pack=d.pack, max_examples_per_row=d.max_examples_per_row, max_images_per_row=d.max_images_per_row,
+        long_examples=d.long_examples, tasks=data_loader.DEFAULT_TASKS + tuple(t for t in d.tasks
+                                                                           if t not in data_loader.DEFAULT_TASKS),
+        num_epochs=num_epochs)
+
+
+def _device_batch(batch, mesh, text_only):
+    keys = [k for k in batch if k != "record_index"]
+    if text_only:
+        keys = [k for k in keys if k not in ("pixel_values", "high_res_pixel_values", "image_mask")]
+    return data_loader.global_batch({k: batch[k] for k in keys}, mesh)
+
+
+def initial_params(config, mcfg: VLMConfig, mesh, writer=None):
+    """Fresh init, then (optionally) an earlier stage's Orbax params or a PyTorch checkpoint, then re-init."""
+    shardings, abstract = param_shardings(mcfg, mesh)
+    fresh = init_params(mcfg, mesh, config.seed)
+    src = config.init
+    if src.from_checkpoint:
+        step = None if src.from_checkpoint_step < 0 else src.from_checkpoint_step
+        src_cfg, host = orbax_io.load_orbax_params(src.from_checkpoint, step)
+        _check_same_architecture(src_cfg, mcfg, src.from_checkpoint)
+        params = jax.tree.map(lambda x, s, a: jax.device_put(np.asarray(x).astype(a.dtype), s), host, shardings,
+                              abstract)
+        del host
+    elif src.from_pretrained:
+        from dsvl_jax.convert.load import load_pretrained
+        vlm = load_pretrained(src.from_pretrained, dtype=mcfg.param_dtype, mesh=mesh)
+        _check_same_architecture(vlm.config, mcfg, src.from_pretrained)
+        params = _fill_missing(vlm.params, fresh)
+    else:
+        return fresh
+    params = cast_like(params, abstract)
+    return reinit(params, fresh, tuple(src.reinit))
+
+
+def _fill_missing(loaded, fresh):
+    """Params a checkpoint layout cannot hold (e.g. never-used norms absent from the HF port) come from init."""
+    a, b = traverse_util.flatten_dict(loaded, sep="/"), traverse_util.flatten_dict(fresh, sep="/")
+    return traverse_util.unflatten_dict({k: a.get(k, v) for k, v in b.items()}, sep="/")
+
+
+def _arch(cfg: VLMConfig):
+    return dataclasses.replace(cfg, dtype="float32", param_dtype="float32", remat_policy="none",
+                               sam_attention_impl="auto", unused_hybrid_norms=False)
+
+
+def _check_same_architecture(src: VLMConfig, dst: VLMConfig, where: str):
+    if _arch(src) != _arch(dst):
+        diff = [f.name for f in dataclasses.fields(VLMConfig)
+                if getattr(_arch(src), f.name) != getattr(_arch(dst), f.name)]
+        raise validate.ConfigError(f"{where}: its model differs from config.model in {diff}")
+
+
+def _copy_tokenizer(path: str, workdir: str):
+    """The tokenizer travels with the checkpoints (conversion and chat read it from the workdir)."""
+    if jax.process_index() != 0 or path.startswith("gs://"):
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    names = [os.path.basename(path)] + [n for n in ("tokenizer_config.json", "special_tokens_map.json")
+                                        if os.path.exists(os.path.join(folder, n))]
+    for n in names:
+        if not os.path.exists(os.path.join(workdir, n)):
+            shutil.copy2(os.path.join(folder, n), os.path.join(workdir, n))
+
+
+def train(config, workdir: str) -> dict:
+    mcfg = validate.check(config)
+    os.makedirs(workdir, exist_ok=True)
+    devices = jax.devices()[:config.mesh.devices] if config.mesh.devices else None
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    tokenizer = Tokenizer.from_file(config.data.tokenizer)
+    if tokenizer.image_token_id != mcfg.image_token_id or tokenizer.vocab_size > mcfg.text.vocab_size:
+        raise validate.ConfigError(
+            f"tokenizer {config.data.tokenizer}: image id {tokenizer.image_token_id} / vocab {tokenizer.vocab_size} "
+            f"do not fit the model (image_token_id {mcfg.image_token_id}, vocab_size {mcfg.text.vocab_size})")
+    if jax.process_index() == 0:
+        orbax_io.write_model_config(workdir, mcfg)
+        _copy_tokenizer(config.data.tokenizer, workdir)
+        with open(os.path.join(workdir, "train_config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    it = data_loader.make_train_iterator(data_config(config), mcfg, tokenizer, batch_size=config.batch_size,
+                                         seq_len=config.seq_len, seed=config.seed, worker_count=config.data.workers)
+    num_tasks = len(it.task_vocabulary)
+    patterns = stages.patterns_for(config.stage, tuple(config.trainable))
+    _, abstract = param_shardings(mcfg, mesh)
+    mask = stages.trainable_mask(abstract, patterns)
+    n_train, n_total = stages.count(abstract, mask)
+    tx, lr_fn = make_optimizer(config.optimizer, config.total_steps, mask)
+    ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save)
+    module = DeepseekVL(mcfg)
+    writer = MetricWriter(workdir, config.total_steps)
+    latest = ckpt.latest_step()
+    params = init_params(mcfg, mesh, config.seed) if latest is not None else initial_params(config, mcfg, mesh)
+    state = make_state(params, tx, mask, mesh, mcfg)
+    del params
+    if latest is not None:
+        state = ckpt.restore(latest, abstract_like(state), it)
+        writer.log(f"resumed from {workdir} at step {latest}")
+    start = int(state["step"])
+    writer.log(f"{n_train:,} of {n_total:,} params trained (stage {config.stage}); mesh {dict(mesh.shape)}; "
+               f"{num_tasks} task tags; steps {start}→{config.total_steps}")
+
+    kw = dict(num_tasks=num_tasks, grad_accum=config.grad_accum, loss_chunk=config.loss_chunk,
+              inject_nan_steps=tuple(config.debug.inject_nan_steps))
+    steps = {t: jax.jit(make_train_step(module, tx, mask, lr_fn, text_only=t, **kw), donate_argnums=0)
+             for t in (False, True)}
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops)
+    preempt = Preemption()
+    record_log = open(os.path.join(workdir, f"records.{jax.process_index()}.log"), "a") \
+        if config.debug.log_records else None
+    stop_after = config.debug.stop_after
+    summary, window, t_last = {}, [], time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start, config.total_steps):
+                batch = next(it)
+                text_only = bool(it.step_is_text_only(step)) if config.data.modality_grouping else \
+                    (jax.process_count() == 1 and not batch["image_mask"].any())
+                if record_log is not None:
+                    codes = batch["record_index"]
+                    record_log.write(json.dumps({"step": step, "codes": codes[codes >= 0].tolist()}) + "\n")
+                    record_log.flush()
+                state, m = steps[text_only](state, _device_batch(batch, mesh, text_only))
+                images = int(batch["image_mask"].sum()) * jax.process_count()
+                window.append((m, images, text_only))
+                done = step + 1
+                writer.advance()
+                if done % config.log_every == 0 or done == config.total_steps:
+                    summary = _log_window(writer, done, window, time.perf_counter() - t_last, mcfg, config,
+                                          patterns, peak, it, state, mesh.size)
+                    window, t_last = [], time.perf_counter()
+                if int(state["bad_steps"]) >= config.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{int(state['bad_steps'])} non-finite steps in a row at step {done} (limit "
+                        f"config.max_bad_steps={config.max_bad_steps}); the last good checkpoint is step "
+                        f"{ckpt.latest_step()} in {workdir}")
+                if config.eval_every and done % config.eval_every == 0 and config.data.eval_sources:
+                    summary.update(evaluate(config, mcfg, module, state["params"], tokenizer, mesh, writer, done))
+                preempted = preempt.requested()
+                if done % config.checkpoint.every == 0 or done == config.total_steps or preempted:
+                    ckpt.save(done, state, it, force=True)
+                if preempted:
+                    writer.log(f"preempted: saved step {done}, exiting")
+                    summary["preempted_at"] = done
+                    break
+                if stop_after and done - start >= stop_after:
+                    ckpt.save(done, state, it, force=True)
+                    summary["stopped_at"] = done
+                    break
+        ckpt.wait()
+    finally:
+        preempt.restore_handlers()
+        writer.close()
+        if record_log is not None:
+            record_log.close()
+        ckpt.close()
+    summary.update(step=int(state["step"]), skipped=int(state["skipped"]), data=it.stats().as_dict())
+    return summary
+
+
+def _log_window(writer, done, window, seconds, mcfg, config, patterns, peak, it, state, mesh_size):
+    ms = jax.device_get([w[0] for w in window])
+    n = len(ms)
+    ok = np.array([bool(m["ok"]) for m in ms])
+    losses = np.array([float(m["loss"]) for m in ms])
+    tokens = sum(float(m["tokens"]) for m in ms)
+    task_sum = sum(np.asarray(m["task_loss_sum"]) for m in ms)
+    task_cnt = sum(np.asarray(m["task_count"]) for m in ms)
+    images = sum(w[1] for w in window)
+    fl = sum(flops_lib.train_flops_per_step(mcfg, batch_rows=config.batch_size, seq_len=config.seq_len,
+                                            images_per_step=w[1], trainable_patterns=patterns,
+                                            text_only=w[2])["total"] for w in window)
+    scalars = {
+        "loss": float(losses[ok].mean()) if ok.any() else float("nan"),
+        "grad_norm": float(np.mean([float(m["grad_norm"]) for m, k in zip(ms, ok) if k])) if ok.any() else float("nan"),
+        "lr": float(ms[-1]["lr"]),
+        "tokens_per_s": tokens / seconds,
+        "images_per_s": images / seconds,
+        "steps_per_s": n / seconds,
+        "skipped_steps": int(state["skipped"]),
+        "bad_steps_in_window": int((~ok).sum()),
+    }
+    if peak:
+        scalars["mfu"] = flops_lib.mfu(fl / n, seconds / n, mesh_size, peak)
+    for i, name in enumerate(it.task_vocabulary):
+        if task_cnt[i] > 0:
+            scalars[f"loss/{name}"] = float(task_sum[i] / task_cnt[i])
+    scalars.update(it.stats().as_dict())
+    writer.write(done, scalars)
+    return scalars
+
+
+def evaluate(config, mcfg, module, params, tokenizer, mesh, writer, step) -> dict:
+    """Loss on the held-out sources (one pass of `eval_steps` batches)."""
+    it = data_loader.make_train_iterator(data_config(config, "eval_sources"), mcfg, tokenizer,
+                                         batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed + 1)
+    fn = jax.jit(make_eval_step(module, num_tasks=len(it.task_vocabulary), loss_chunk=config.loss_chunk))
+    tot, cnt = 0.0, 0.0
+    for _ in range(config.eval_steps):
+        out = jax.device_get(fn(params, _device_batch(next(it), mesh, False)))
+        tot += float(out["loss_sum"])
+        cnt += float(out["tokens"])
+    res = {"eval_loss": tot / max(cnt, 1.0)}
+    writer.write(step, {"loss": res["eval_loss"]}, prefix="eval")
+    return res

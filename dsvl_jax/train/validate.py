@@ -1,0 +1,94 @@
+"""Checks of a training config that must fail before anything compiles, with messages that name the key."""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from dsvl_jax.config import VLMConfig
+from dsvl_jax.train.config_base import base
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _unknown_keys(cfg, ref, prefix=""):
+    out = []
+    for k in cfg.keys():
+        path = f"{prefix}{k}"
+        if k not in ref:
+            out.append(path)
+        elif k != "model" and hasattr(cfg[k], "keys") and hasattr(ref[k], "keys"):
+            out += _unknown_keys(cfg[k], ref[k], path + ".")
+    return out
+
+
+def model_config(config) -> VLMConfig:
+    try:
+        return VLMConfig.from_dict(config.model.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def check(config, *, device_count: int | None = None) -> VLMConfig:
+    """Raise ConfigError for any problem a run would otherwise hit after compiling (or never notice)."""
+    unknown = _unknown_keys(config, base(VLMConfig()))
+    if unknown:
+        raise ConfigError(f"unknown config keys: {unknown}")
+    mcfg = model_config(config)
+    n = jax.device_count() if device_count is None else device_count
+    m = config.mesh
+    if m.devices:
+        if not 0 < m.devices <= n or jax.process_count() > 1:
+            raise ConfigError(f"config.mesh.devices={m.devices}: must be in 1..{n} (and single-process)")
+        n = m.devices
+    sizes = [m.data, m.fsdp, m.tensor]
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"config.mesh {dict(m)}: sizes must be positive, at most one -1")
+    known = 1
+    for s in sizes:
+        known *= s if s != -1 else 1
+    if n % known or (-1 not in sizes and known != n):
+        raise ConfigError(f"config.mesh data={m.data} fsdp={m.fsdp} tensor={m.tensor} does not divide the {n} devices")
+    full = [s if s != -1 else n // known for s in sizes]
+    batch_shards = full[0] * full[1]
+    if config.batch_size <= 0 or config.batch_size % (batch_shards * config.grad_accum):
+        raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by data×fsdp={batch_shards} × "
+                          f"grad_accum={config.grad_accum}")
+    if jax.process_count() > 1 and config.batch_size % jax.process_count():
+        raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
+    if config.stage not in (1, 2, 3) and not config.trainable:
+        raise ConfigError(f"config.stage={config.stage}: expected 1, 2 or 3, or an explicit config.trainable")
+    from dsvl_jax.train.stages import GROUPS, UNUSED, patterns_for
+    for t in config.trainable:
+        if t not in GROUPS and "/" not in t and not t.startswith("re:"):
+            raise ConfigError(f"config.trainable entry {t!r}: expected one of {sorted(GROUPS)} or a param path")
+    pats = patterns_for(config.stage, tuple(config.trainable))
+    if not mcfg.is_hybrid:
+        pats = tuple(p for p in pats if not p.startswith("vision/sam"))
+    if not pats or all(p in UNUSED for p in pats):
+        raise ConfigError(f"stage {config.stage} with trainable={tuple(config.trainable)} trains nothing")
+    if config.total_steps <= 0:
+        raise ConfigError(f"config.total_steps={config.total_steps} must be positive")
+    if config.seq_len <= 1:
+        raise ConfigError(f"config.seq_len={config.seq_len} must be > 1")
+    if config.seq_len > mcfg.text.max_position_embeddings:
+        raise ConfigError(f"config.seq_len={config.seq_len} exceeds the model context "
+                          f"{mcfg.text.max_position_embeddings}")
+    if config.init.from_checkpoint and config.init.from_pretrained:
+        raise ConfigError("config.init: give from_checkpoint or from_pretrained, not both")
+    for key in ("from_checkpoint", "from_pretrained"):
+        path = config.init[key]
+        if path and not path.startswith("gs://") and not os.path.exists(path):
+            raise ConfigError(f"config.init.{key}={path!r} does not exist")
+    d = config.data
+    if not d.sources:
+        raise ConfigError("config.data.sources is empty: give at least one {name, paths|tfds_dir, weight, modality}")
+    if not d.tokenizer:
+        raise ConfigError("config.data.tokenizer is empty: give a tokenizer.json or a sentencepiece .model")
+    if not d.tokenizer.startswith("gs://") and not os.path.exists(d.tokenizer):
+        raise ConfigError(f"config.data.tokenizer={d.tokenizer!r} does not exist")
+    if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
+        raise ConfigError("config.checkpoint.every and .keep must be positive")
+    return mcfg
