@@ -69,6 +69,13 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
         pats = tuple(p for p in pats if not p.startswith("vision/sam"))
     if not pats or all(p in UNUSED for p in pats):
         raise ConfigError(f"stage {config.stage} with trainable={tuple(config.trainable)} trains nothing")
+    import flax.linen as nn
+    from dsvl_jax.models.vlm import abstract_params
+    from dsvl_jax.train.stages import count, trainable_mask
+    abstract = nn.meta.unbox(abstract_params(mcfg))  # shapes only: nothing is allocated
+    if count(abstract, trainable_mask(abstract, pats))[0] == 0:
+        raise ConfigError(f"stage {config.stage} with trainable={tuple(config.trainable)} trains nothing: "
+                          f"the patterns {pats} match no parameter")
     if config.total_steps <= 0:
         raise ConfigError(f"config.total_steps={config.total_steps} must be positive")
     if config.seq_len <= 1:
