@@ -11,27 +11,9 @@ Hardware and cost (analytic FLOPs, `tools/aot_compile.py` for memory; MFU assume
   stage 3: 10k steps × 256 rows × 4,096 tokens → ~12 h on v5p-64.
 Stage 1 uses 1,024 tokens instead of the paper's 512: one image alone is 576 tokens.
 """
-from dsvl_jax.train.config_base import base, paper_stage
 from dsvl_jax.config import deepseek_vl_1p3b
+from dsvl_jax.train.config_base import released_size_config
 
 
 def get_config(arg: str = "stage1"):
-    model = deepseek_vl_1p3b().replace(dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")
-    c = base(model)
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    if arg == "stage1":
-        paper_stage(c, stage=1, lr=1e-3, schedule="cosine", warmup=128, steps=15000, batch=256, seq_len=1024,
-                    pack=False)
-    elif arg == "stage2":
-        paper_stage(c, stage=2, lr=3e-5, schedule="step", warmup=2000, steps=96000, batch=1024, seq_len=4096,
-                    pack=True)
-        c.data.mm_warmup_steps = 2000
-        c.data.max_images_per_row = 4
-    elif arg == "stage3":
-        paper_stage(c, stage=3, lr=2e-5, schedule="cosine", warmup=256, steps=10000, batch=256, seq_len=4096,
-                    pack=False)
-        c.data.max_images_per_row = 4
-    else:
-        raise ValueError(f"unknown variant {arg!r}: stage1, stage2 or stage3")
-    c.checkpoint.every = 1000
-    return c
+    return released_size_config(deepseek_vl_1p3b(), "1p3b", arg)

@@ -10,26 +10,9 @@ MFU assumed 45%):
            → ~1.7e22 FLOP → ~4.6 days on v5p-256 (the paper: 5 days on 512 A100s).
   stage 3: 10k steps × 256 rows × 4,096 tokens, SAM-B frozen → ~1 day on v5p-64.
 """
-from dsvl_jax.train.config_base import base, paper_stage
 from dsvl_jax.config import deepseek_vl_7b
+from dsvl_jax.train.config_base import released_size_config
 
 
 def get_config(arg: str = "stage2"):
-    model = deepseek_vl_7b().replace(dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch")
-    c = base(model)
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
-    if arg == "stage1":
-        paper_stage(c, stage=1, lr=1e-3, schedule="cosine", warmup=128, steps=15000, batch=256, seq_len=1024,
-                    pack=False)
-    elif arg == "stage2":
-        paper_stage(c, stage=2, lr=4.2e-5, schedule="step", warmup=2000, steps=42000, batch=2304, seq_len=4096,
-                    pack=True)
-        c.data.mm_warmup_steps = 2000
-        c.data.max_images_per_row = 4
-    elif arg == "stage3":
-        paper_stage(c, stage=3, lr=2e-5, schedule="cosine", warmup=256, steps=10000, batch=256, seq_len=4096,
-                    pack=False)
-        c.data.max_images_per_row = 4
-    else:
-        raise ValueError(f"unknown variant {arg!r}: stage1, stage2 or stage3")
-    return c
+    return released_size_config(deepseek_vl_7b(), "7b", arg)

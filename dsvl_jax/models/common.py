@@ -38,6 +38,18 @@ def dense(features, axes: Sequence[str | None], *, in_axes=-1, use_bias=True, dt
         precision=None, name=name)
 
 
+def patch_embed(pixels, cfg, *, dtype, param_dtype, name="patch_embed"):
+    """Check the NHWC image size, then the non-overlapping p×p patch conv (with bias) of a ViT."""
+    want = (cfg.image_size, cfg.image_size, cfg.num_channels)
+    if tuple(pixels.shape[1:]) != want:
+        raise ValueError(f"{type(cfg).__name__[:-6]} expects images [B, {want[0]}, {want[1]}, {want[2]}], "
+                         f"got {tuple(pixels.shape)}")
+    p = cfg.patch_size
+    return nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=dtype, param_dtype=param_dtype,
+                   precision=None, kernel_init=boxed(normal(), ("conv_kernel", "conv_kernel", "conv_in", "vis_embed")),
+                   bias_init=boxed(nn.initializers.zeros, ("vis_embed",)), name=name)(pixels.astype(dtype))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm over the last axis, computed in float32 with the two-pass variance PyTorch uses."""
 

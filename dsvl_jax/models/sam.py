@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsvl_jax.config import SamConfig
-from dsvl_jax.models.common import LayerNorm, activation, boxed, constrain, dense, maybe_remat, normal
+from dsvl_jax.models.common import LayerNorm, activation, boxed, constrain, dense, maybe_remat, normal, patch_embed
 from dsvl_jax.ops import relpos_attention
 from dsvl_jax.ops.reference import relpos_attention_reference
 
@@ -147,14 +147,7 @@ class SamTower(nn.Module):
     def __call__(self, pixels):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if pixels.shape[1:] != (c.image_size, c.image_size, c.num_channels):
-            raise ValueError(f"SAM expects images [B, {c.image_size}, {c.image_size}, {c.num_channels}], "
-                             f"got {tuple(pixels.shape)}")
-        p = c.patch_size
-        x = nn.Conv(c.hidden_size, (p, p), strides=(p, p), padding="VALID", precision=None, **kw,
-                    kernel_init=boxed(normal(), ("conv_kernel", "conv_kernel", "conv_in", "vis_embed")),
-                    bias_init=boxed(nn.initializers.zeros, ("vis_embed",)), name="patch_embed")(
-            pixels.astype(self.dtype))
+        x = patch_embed(pixels, c, **kw)
         pos = self.param("pos_embed", boxed(nn.initializers.zeros, (None, "vis_pos", "vis_pos", "vis_embed")),
                          (1, c.grid, c.grid, c.hidden_size), self.param_dtype)
         x = x + pos.astype(self.dtype)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dsvl_jax.config import SiglipConfig
-from dsvl_jax.models.common import LayerNorm, activation, boxed, constrain, dense, maybe_remat, normal
+from dsvl_jax.models.common import LayerNorm, activation, boxed, constrain, dense, maybe_remat, normal, patch_embed
 from dsvl_jax.models.common import softmax_attention
 
 
@@ -72,15 +72,7 @@ class SiglipTower(nn.Module):
     @nn.compact
     def __call__(self, pixels):
         c = self.cfg
-        if pixels.shape[1:] != (c.image_size, c.image_size, c.num_channels):
-            raise ValueError(f"SigLIP expects images [B, {c.image_size}, {c.image_size}, {c.num_channels}], "
-                             f"got {tuple(pixels.shape)}")
-        p = c.patch_size
-        x = nn.Conv(c.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, precision=None,
-                    kernel_init=boxed(normal(), ("conv_kernel", "conv_kernel", "conv_in", "vis_embed")),
-                    bias_init=boxed(nn.initializers.zeros, ("vis_embed",)), name="patch_embed")(
-            pixels.astype(self.dtype))
+        x = patch_embed(pixels, c, dtype=self.dtype, param_dtype=self.param_dtype)
         b = x.shape[0]
         x = x.reshape(b, c.num_patches, c.hidden_size)
         pos = self.param("pos_embed", boxed(normal(), ("vis_pos", "vis_embed")),

@@ -65,3 +65,31 @@ def paper_stage(c, *, stage: int, lr: float, schedule: str, warmup: int, steps: 
     c.total_steps, c.batch_size, c.seq_len = steps, batch, seq_len
     c.data.pack = pack
     return c
+
+
+# Paper Table 4, per size and stage: (lr, schedule, warm-up, steps, batch, packing). Sequence length 4,096
+# in stages 2-3; stage 1 uses 1,024 instead of the paper's 512 because one image alone is 576 tokens.
+TABLE4 = {
+    "1p3b": {1: (1e-3, "cosine", 128, 15000, 256, False), 2: (3e-5, "step", 2000, 96000, 1024, True),
+             3: (2e-5, "cosine", 256, 10000, 256, False)},
+    "7b": {1: (1e-3, "cosine", 128, 15000, 256, False), 2: (4.2e-5, "step", 2000, 42000, 2304, True),
+           3: (2e-5, "cosine", 256, 10000, 256, False)},
+}
+
+
+def released_size_config(model: VLMConfig, size: str, variant: str) -> ml_collections.ConfigDict:
+    """A released model's stage config: bf16 compute on fp32 master weights, FSDP over the slice."""
+    stages = {"stage1": 1, "stage2": 2, "stage3": 3}
+    if variant not in stages:
+        raise ValueError(f"unknown variant {variant!r}: stage1, stage2 or stage3")
+    stage = stages[variant]
+    c = base(model.replace(dtype="bfloat16", param_dtype="float32", remat_policy="dots_no_batch"))
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    lr, sched, warm, steps, batch, pack = TABLE4[size][stage]
+    paper_stage(c, stage=stage, lr=lr, schedule=sched, warmup=warm, steps=steps, batch=batch,
+                seq_len=1024 if stage == 1 else 4096, pack=pack)
+    if stage == 2:
+        c.data.mm_warmup_steps = warm  # the modality warm-up spans the LR warm-up (the paper gives no length)
+    if stage > 1:
+        c.data.max_images_per_row = 4
+    return c
