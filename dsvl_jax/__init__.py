@@ -10,7 +10,7 @@ _LAZY = {
     "VLMConfig": "dsvl_jax.config",
     "load_pretrained": "dsvl_jax.convert.load",
     "save_pretrained": "dsvl_jax.convert.export",
-    "VLM": "dsvl_jax.convert.load",
+    "VLM": "dsvl_jax.vlm",
     "Processor": "dsvl_jax.processing.processor",
 }
 

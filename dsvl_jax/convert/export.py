@@ -69,28 +69,63 @@ class atomic_directory:
         return False
 
 
-def tensor_plan(cfg: VLMConfig, params, layout: str, dtype=None):
-    """[(torch_key, shape, dtype)] in key-map order, and a `produce(key)` that builds one tensor."""
-    flat = traverse_util.flatten_dict(params, sep="/")
+def plan_tensors(cfg: VLMConfig, layout: str, shape_of, dtype_of, array_of, dtype=None):
+    """The key map run backwards, for any source of our params: [(torch_key, shape, dtype)] in key-map
+    order, and `produce(key)` that builds that one tensor.
+
+    shape_of(path) → our full shape, or None when the source lacks the param; dtype_of(path) → its dtype;
+    array_of(path, layer) → our array (one layer of a stacked param when layer is not None)."""
+    cfg = keymap.export_config(cfg, layout)
+    fills = keymap.initial_values(cfg)
+    fill_dtype = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
     plan, by_key = [], {}
     for m in keymap.mappings(cfg, layout):
-        missing = [p for p in m.ours if p not in flat]
-        if missing:
-            raise CheckpointError(f"params lack {missing} needed for {m.torch_key!r}")
-        per_layer = [flat[p].shape[1:] if m.layer is not None else flat[p].shape for p in m.ours]
-        shape = keymap.torch_shape(m.kind, per_layer, m.in_ndim, m.lead_ones)
-        dt = np.dtype(jnp.dtype(dtype)) if dtype is not None else np.dtype(flat[m.ours[0]].dtype)
-        plan.append((m.torch_key, shape, dt))
-        by_key[m.torch_key] = m
-
-    dtypes = {k: d for k, _, d in plan}
+        per_layer, dts = [], []
+        for p in m.ours:
+            shape = shape_of(p)
+            if shape is None and p in fills:
+                per_layer.append(fills[p][0])
+                continue
+            if shape is None:
+                raise CheckpointError(f"params lack {p!r}, needed for {m.torch_key!r}")
+            per_layer.append(tuple(shape[1:]) if m.layer is not None else tuple(shape))
+            dts.append(np.dtype(dtype_of(p)))
+        if fill_dtype is None and not dts:  # a filled tensor follows the vision tower's dtype
+            dts.append(np.dtype(dtype_of("vision/siglip/norm/scale")))
+        dt = fill_dtype if fill_dtype is not None else np.result_type(*dts)
+        plan.append((m.torch_key, keymap.torch_shape(m.kind, per_layer, m.in_ndim, m.lead_ones), dt))
+        by_key[m.torch_key] = (m, per_layer, dt)
 
     def produce(key):
-        m = by_key[key]
-        arrays = [sharding.host_array(flat[p][m.layer] if m.layer is not None else flat[p]) for p in m.ours]
-        return keymap.to_torch(m.kind, arrays, m.in_ndim, m.lead_ones).astype(dtypes[key], copy=False)
+        m, per_layer, dt = by_key[key]
+        arrays = [np.full(s, fills[p][1], dt) if shape_of(p) is None else array_of(p, m.layer)
+                  for p, s in zip(m.ours, per_layer)]
+        return keymap.to_torch(m.kind, arrays, m.in_ndim, m.lead_ones).astype(dt, copy=False)
 
     return plan, produce
+
+
+def check_params(cfg: VLMConfig, params) -> None:
+    """Raise unless `params` has exactly the paths and shapes `cfg` builds (dtypes may differ)."""
+    from dsvl_jax.convert.load import param_shapes
+    want = param_shapes(cfg)
+    have = traverse_util.flatten_dict(params, sep="/")
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise CheckpointError(f"params do not fit the config: missing {missing[:4]}, unexpected {extra[:4]}")
+    bad = [(p, tuple(have[p].shape), tuple(want[p].shape)) for p in want if tuple(have[p].shape) != tuple(want[p].shape)]
+    if bad:
+        p, got, need = bad[0]
+        raise CheckpointError(f"params do not fit the config: {p!r} has shape {got}, the config needs {need} "
+                              f"({len(bad)} mismatched)")
+
+
+def tensor_plan(cfg: VLMConfig, params, layout: str, dtype=None):
+    """`plan_tensors` over a (possibly sharded) param tree: one tensor gathered to the host at a time."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return plan_tensors(
+        cfg, layout, lambda p: flat[p].shape if p in flat else None, lambda p: flat[p].dtype,
+        lambda p, layer: sharding.host_array(flat[p][layer] if layer is not None else flat[p]), dtype)
 
 
 def _dtype_name(plan) -> str:
@@ -110,18 +145,34 @@ def save_pretrained(model, path: str, layout: str = "hf", dtype=None, *, overwri
     cfg, params, source = _unpack(model)
     if layout not in keymap.LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {keymap.LAYOUTS}")
+    check_params(cfg, params)
     plan, produce = tensor_plan(cfg, params, layout, dtype)  # validates before anything is written
+    return write_folder(path, cfg, layout, plan, produce, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                        side_files_from=side_files_from or source, extra_files=extra_files)
+
+
+def write_folder(path: str, cfg: VLMConfig, layout: str, plan, produce, *, overwrite: bool = False,
+                 max_shard_bytes: int = MAX_SHARD_BYTES, side_files_from: Optional[str] = None,
+                 extra_files: Sequence[str] = ()) -> str:
+    """config.json + safetensors (from `plan`/`produce`) + side files, atomically into `path`."""
     dname = _dtype_name(plan)
     config = config_io.to_hf(cfg, dname) if layout == "hf" else config_io.to_official(cfg, dname)
-    side_dir = side_files_from or source
     with atomic_directory(path, overwrite) as tmp:
         write_checkpoint(tmp, plan, produce, max_shard_bytes=max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        if side_dir and os.path.isdir(side_dir):
-            for name in SIDE_FILES:
-                if os.path.isfile(os.path.join(side_dir, name)):
-                    shutil.copy2(os.path.join(side_dir, name), os.path.join(tmp, name))
+        copy_side_files(side_files_from, tmp)
         for f_ in extra_files:
             shutil.copy2(f_, os.path.join(tmp, os.path.basename(f_)))
     return os.path.abspath(path)
+
+
+def copy_side_files(src_dir: Optional[str], dst_dir: str) -> list:
+    """Copy the tokenizer / processor / generation files `src_dir` has into `dst_dir`; returns their names."""
+    copied = []
+    if src_dir and os.path.isdir(src_dir):
+        for name in SIDE_FILES:
+            if os.path.isfile(os.path.join(src_dir, name)):
+                shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
+                copied.append(name)
+    return copied

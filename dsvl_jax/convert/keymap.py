@@ -234,6 +234,26 @@ def mappings(cfg: VLMConfig, layout: str) -> Iterator[Mapping]:
                 raise AssertionError(f"row {row} pairs {len(tk)} keys with {len(ours)} params")
 
 
+def export_config(cfg: VLMConfig, layout: str) -> VLMConfig:
+    """The config whose rows an export to `layout` writes. The official `HybridVisionTower` builds its two
+    never-used LayerNorms unconditionally, so an official-layout hybrid always carries them."""
+    if layout == "official" and cfg.is_hybrid and not cfg.unused_hybrid_norms:
+        return cfg.replace(unused_hybrid_norms=True)
+    return cfg
+
+
+def initial_values(cfg: VLMConfig) -> dict:
+    """{our path: (shape, value)} for exported tensors a model may lack: the unused hybrid LayerNorms at
+    torch.nn.LayerNorm's initial values (a model loaded from the HF port has none to give)."""
+    if not cfg.is_hybrid:
+        return {}
+    out = {}
+    for name, width in (("high", 4 * cfg.sam.output_channels), ("low", cfg.siglip.hidden_size)):
+        out[f"vision/{name}_layer_norm/scale"] = ((width,), 1.0)
+        out[f"vision/{name}_layer_norm/bias"] = ((width,), 0.0)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # transforms (numpy): torch tensor ↔ our arrays
 # ---------------------------------------------------------------------------------------------

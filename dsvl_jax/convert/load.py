@@ -57,17 +57,33 @@ def _target_dtype(code: str, dtype) -> np.dtype:
     return _DTYPES[code]
 
 
-def load_params(reader: SafetensorsReader, cfg: VLMConfig, layout: str, *, dtype=None, mesh=None) -> dict:
-    """Read every tensor the key map names, check shape and dtype, return our nested param dict."""
-    boxed = abstract_params(cfg)
-    shapes = traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/")
-    shardings = None
-    if mesh is not None:
-        shardings = traverse_util.flatten_dict(sharding.param_shardings(boxed, mesh), sep="/")
+def param_shapes(cfg: VLMConfig) -> dict:
+    """{our param path: ShapeDtypeStruct} for `cfg`, from `jax.eval_shape` (nothing allocated)."""
+    return traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
+
+
+def source_config(reader: SafetensorsReader, cfg: VLMConfig, layout: str) -> VLMConfig:
+    """Settle what config.json cannot say: whether an official hybrid stores the two unused LayerNorms."""
+    if cfg.is_hybrid and layout == "official":
+        cfg = cfg.replace(unused_hybrid_norms="vision_model.high_layer_norm.weight" in reader)
+    return cfg
+
+
+def check_tensors(reader: SafetensorsReader, cfg: VLMConfig, layout: str, shapes: dict) -> list:
+    """The key map's mappings for this checkpoint, after checking every tensor's name, dtype and shape
+    against the config from the headers alone (no data read), so bad input fails before any work."""
     maps = list(keymap.mappings(cfg, layout))
     expected = {m.torch_key for m in maps}
     missing = sorted(expected - set(reader.keys()))
     if missing:
+        other = "official" if layout == "hf" else "hf"
+        try:
+            other_keys = {m.torch_key for m in keymap.mappings(cfg, other)}
+        except ValueError:  # the other layout cannot hold this model
+            other_keys = set()
+        if other_keys and len(other_keys & set(reader.keys())) > len(expected & set(reader.keys())):
+            raise CheckpointError(f"{reader.folder}: mixed layouts: config.json is in the {layout} layout but the "
+                                  f"tensors are named as in the {other} layout (e.g. {missing[0]!r} is missing)")
         raise CheckpointError(f"{reader.folder}: {len(missing)} tensors missing from the checkpoint, e.g. "
                               f"{missing[:5]} (config says {layout} layout)")
     extra = sorted(k for k in reader.keys() if k not in expected and not k.endswith(IGNORABLE_SUFFIXES))
@@ -76,6 +92,31 @@ def load_params(reader: SafetensorsReader, cfg: VLMConfig, layout: str, *, dtype
     extra = [k for k in extra if k not in tied_head]
     if extra:
         raise CheckpointError(f"{reader.folder}: {len(extra)} unexpected tensors for this config, e.g. {extra[:5]}")
+    for m in maps:
+        shape, code = reader.info(m.torch_key)
+        where = f"{reader.file_of(m.torch_key)}: tensor {m.torch_key!r}"
+        if code not in FLOAT_CODES:
+            raise CheckpointError(f"{where} has dtype {code}; expected a floating point type")
+        want = keymap.torch_shape(m.kind, per_layer_shapes(m, shapes), m.in_ndim, m.lead_ones)
+        if tuple(shape) != tuple(want):
+            raise CheckpointError(f"{where} has shape {tuple(shape)}; the config needs {tuple(want)} "
+                                  f"(for {', '.join(m.ours)})")
+    return maps
+
+
+def per_layer_shapes(m: keymap.Mapping, shapes: dict) -> list:
+    """Shapes of the params of mapping `m` as one PyTorch tensor sees them (one layer of a stacked param)."""
+    return [shapes[p].shape[1:] if m.layer is not None else shapes[p].shape for p in m.ours]
+
+
+def load_params(reader: SafetensorsReader, cfg: VLMConfig, layout: str, *, dtype=None, mesh=None) -> dict:
+    """Read every tensor the key map names, check shape and dtype, return our nested param dict."""
+    boxed = abstract_params(cfg)
+    shapes = traverse_util.flatten_dict(nn.meta.unbox(boxed), sep="/")
+    shardings = None
+    if mesh is not None:
+        shardings = traverse_util.flatten_dict(sharding.param_shardings(boxed, mesh), sep="/")
+    maps = check_tensors(reader, cfg, layout, shapes)
 
     buffers, filled, out = {}, {}, {}
     n_layers = {}
@@ -89,15 +130,8 @@ def load_params(reader: SafetensorsReader, cfg: VLMConfig, layout: str, *, dtype
         out[p] = jax.device_put(arr, shardings[p]) if shardings is not None else jnp.asarray(arr)
 
     for m in maps:
-        shape, code = reader.info(m.torch_key)
-        where = f"{reader.file_of(m.torch_key)}: tensor {m.torch_key!r}"
-        if code not in FLOAT_CODES:
-            raise CheckpointError(f"{where} has dtype {code}; expected a floating point type")
-        per_layer = [shapes[p].shape[1:] if m.layer is not None else shapes[p].shape for p in m.ours]
-        want = keymap.torch_shape(m.kind, per_layer, m.in_ndim, m.lead_ones)
-        if tuple(shape) != tuple(want):
-            raise CheckpointError(f"{where} has shape {tuple(shape)}; the config needs {tuple(want)} "
-                                  f"(for {', '.join(m.ours)})")
+        code = reader.info(m.torch_key)[1]
+        per_layer = per_layer_shapes(m, shapes)
         t = reader.get(m.torch_key)
         target = _target_dtype(code, dtype)
         parts = keymap.to_ours(m.kind, t, per_layer, m.in_ndim)
@@ -121,18 +155,21 @@ def load_params(reader: SafetensorsReader, cfg: VLMConfig, layout: str, *, dtype
 
 
 def load_pretrained(path: str, dtype=None, *, mesh=None, layout: Optional[str] = None, config_overrides=None):
-    """A checkpoint folder in the HF-port or official layout → `dsvl_jax.VLM` (config, params, __call__).
+    """A checkpoint folder in the HF-port or official layout, or an Orbax training checkpoint (workdir,
+    checkpoints dir or step dir; latest step, params only) → `dsvl_jax.VLM` (config, params, __call__).
 
     dtype: None keeps the checkpoint's dtype (bf16 stays bf16); otherwise params are cast, and the
     compute dtype follows. mesh: params are placed sharded by the logical rules."""
+    from dsvl_jax.convert import orbax_io
     from dsvl_jax.vlm import VLM
 
+    if layout in (None, "orbax") and orbax_io.is_orbax(path):
+        return _load_orbax(path, dtype, mesh, config_overrides)
     found_layout, cfg, _ = read_config(path)
     if layout is not None and layout != found_layout:
         raise CheckpointError(f"{path}: config.json is in the {found_layout} layout, not {layout}")
     reader = SafetensorsReader(path)
-    if cfg.is_hybrid and found_layout == "official":
-        cfg = cfg.replace(unused_hybrid_norms="vision_model.high_layer_norm.weight" in reader)
+    cfg = source_config(reader, cfg, found_layout)
     codes = {reader.info(k)[1] for k in reader.keys()}
     if dtype is None and len(codes & set(FLOAT_CODES)) == 1:
         d = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}[next(iter(codes & set(FLOAT_CODES)))]
@@ -145,4 +182,28 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, layout: Optional[str] =
         reader.close()
     vlm = VLM(cfg, params, mesh=mesh)
     vlm.source = os.path.abspath(path)
+    return vlm
+
+
+def _load_orbax(path: str, dtype, mesh, config_overrides):
+    """An Orbax training checkpoint → VLM, keeping the training config (compute dtype included) unless cast."""
+    from dsvl_jax.convert import orbax_io
+    from dsvl_jax.vlm import VLM
+
+    source = orbax_io.OrbaxSource(path)
+    cfg = source.config
+    if dtype is not None:
+        d = jnp.dtype(dtype).name
+        cfg = cfg.replace(dtype=d, param_dtype=d)
+    cfg = cfg.replace(**(config_overrides or {}))
+    flat = traverse_util.flatten_dict(source.params(dtype), sep="/")
+    shardings = None
+    if mesh is not None:
+        shardings = traverse_util.flatten_dict(sharding.param_shardings(abstract_params(cfg), mesh), sep="/")
+    out = {}
+    for p in list(flat):  # one param at a time onto the device(s); the host copy goes as soon as it is placed
+        arr = flat.pop(p)
+        out[p] = jax.device_put(arr, shardings[p]) if shardings is not None else jnp.asarray(arr)
+    vlm = VLM(cfg, traverse_util.unflatten_dict(out, sep="/"), mesh=mesh)
+    vlm.source = source.location.workdir  # where tokenizer / processor files travel from
     return vlm

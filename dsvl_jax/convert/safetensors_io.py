@@ -12,7 +12,6 @@ from typing import Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -31,7 +30,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read as asked; the message names the file and key."""
 
 
-def _read_header(path: str) -> dict:
+def _read_header(path: str) -> tuple:
+    """(header dict, byte offset where tensor data starts)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -42,13 +42,31 @@ def _read_header(path: str) -> dict:
             raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+    _check_entries(path, header)
     end = max([v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"], default=0)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file: the header needs {8 + n + end} bytes, "
                               f"the file has {size}")
-    return header
+    return header, 8 + n
+
+
+def _check_entries(path: str, header) -> None:
+    """Every entry {"dtype": str, "shape": [n >= 0, ...], "data_offsets": [begin, end]}, before any is used."""
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    nat = lambda x: type(x) is int and x >= 0  # noqa: E731 (bool is not a size)
+    for key, v in header.items():
+        if key == "__metadata__":
+            ok = isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+        else:
+            ok = (isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+                  and all(nat(d) for d in v["shape"]) and isinstance(v.get("data_offsets"), list)
+                  and len(v["data_offsets"]) == 2 and all(nat(o) for o in v["data_offsets"])
+                  and v["data_offsets"][0] <= v["data_offsets"][1])
+        if not ok:
+            raise CheckpointError(f"{path}: corrupt safetensors header entry {key!r}: {str(v)[:200]}")
 
 
 class SafetensorsReader:
@@ -75,7 +93,9 @@ class SafetensorsReader:
         else:
             raise CheckpointError(f"{folder}: no {SINGLE_NAME} or {INDEX_NAME} (PyTorch .bin pickles are not read: "
                                   "convert them to safetensors first)")
-        self._headers = {name: _read_header(os.path.join(folder, name)) for name in files}
+        self._headers, self._data_start = {}, {}
+        for name in files:
+            self._headers[name], self._data_start[name] = _read_header(os.path.join(folder, name))
         self._where = {}
         for name, header in self._headers.items():
             for key in header:
@@ -86,7 +106,6 @@ class SafetensorsReader:
             if missing:
                 raise CheckpointError(f"{index}: {len(missing)} keys are not in the shard the index names, "
                                       f"e.g. {missing[:3]}")
-        self._handles = {}
 
     def keys(self) -> list:
         return sorted(self._where)
@@ -109,19 +128,33 @@ class SafetensorsReader:
         return meta
 
     def get(self, key) -> np.ndarray:
+        """One tensor, read with plain file reads into a fresh array. Not mmap: pages of a mapped file count
+        towards this process's resident memory until it is unmapped, so reading a whole checkpoint through
+        mmap would hold its full size in RSS (measured: 1.40x the checkpoint for a 1.3B conversion)."""
         name = self._where[key]
-        if name not in self._handles:
-            try:
-                self._handles[name] = safe_open(os.path.join(self.folder, name), framework="numpy")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{os.path.join(self.folder, name)}: cannot open ({e})") from None
+        path = os.path.join(self.folder, name)
+        entry = self._headers[name][key]
+        code, shape = entry["dtype"], tuple(entry["shape"])
+        if code not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {code}, which this reader does not support")
+        dt = _DTYPES[code]
+        begin, end = entry["data_offsets"]
+        count = int(np.prod(shape, dtype=np.int64))
+        if end - begin != count * dt.itemsize:
+            raise CheckpointError(f"{path}: tensor {key!r} spans {end - begin} bytes but {code}{list(shape)} "
+                                  f"needs {count * dt.itemsize}")
         try:
-            return self._handles[name].get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"{os.path.join(self.folder, name)}: cannot read tensor {key!r} ({e})") from None
+            with open(path, "rb") as f:
+                f.seek(self._data_start[name] + begin)
+                arr = np.fromfile(f, dtype=dt.newbyteorder("<"), count=count)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read tensor {key!r} ({e})") from None
+        if arr.size != count:
+            raise CheckpointError(f"{path}: tensor {key!r} is truncated")
+        return arr.astype(dt, copy=False).reshape(shape)
 
     def close(self):
-        self._handles.clear()
+        pass  # no handles are kept open between reads
 
 
 def dtype_code(dtype) -> str:
@@ -167,7 +200,8 @@ def write_streaming(path: str, entries: list, produce, metadata: dict | None = N
             if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
                 raise CheckpointError(f"{path}: tensor {key!r} came out as {arr.shape} {arr.dtype}, "
                                       f"planned {tuple(shape)} {np.dtype(dtype)}")
-            f.write(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+            f.write(arr.reshape(-1).view(np.uint8).data)  # the array's own bytes: no second copy
             del arr
 
 

@@ -1,0 +1,137 @@
+"""`dsvl-convert SRC DST --to hf|official|orbax`: checkpoints between an Orbax training checkpoint, an
+HF-port folder and an official-layout folder, in any direction (also `python tools/convert_checkpoint.py`).
+
+The source layout is detected (Orbax workdir / checkpoints dir / step dir; else config.json's
+model_type). PyTorch ↔ PyTorch streams one tensor at a time through the key map; Orbax sources are
+restored params-only onto the host. The destination is written into a temporary folder beside it and
+renamed at the end; bad input gets a one-line error (exit code 2) and nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Optional
+
+TARGETS = ("hf", "official", "orbax")
+DTYPES = ("bfloat16", "float32")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' → 5e9 bytes (HF's decimal units; KiB/MiB/GiB binary); a bare number is bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r}: expected e.g. 5GB, 500MB, 2GiB or bytes")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"--max-shard-size {text!r} must be positive")
+    return n
+
+
+def detect_source(path: str) -> str:
+    """'orbax', 'hf' or 'official'; raises with what was found when the folder is none of them."""
+    from dsvl_jax.convert import orbax_io
+    from dsvl_jax.convert.load import read_config
+    from dsvl_jax.convert.safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointError
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"source {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"source {path!r} is a file; expected a checkpoint directory")
+    orbax = orbax_io.is_orbax(path)
+    torch = any(os.path.exists(os.path.join(path, n)) for n in ("config.json", SINGLE_NAME, INDEX_NAME))
+    if orbax and torch:
+        raise CheckpointError(f"{path}: mixed layouts: holds both a PyTorch checkpoint (config.json/safetensors) and "
+                              f"an Orbax checkpoint; point at one of them")
+    if orbax:
+        return "orbax"
+    if not torch:
+        listing = sorted(os.listdir(path))
+        raise CheckpointError(f"{path}: no checkpoint found: no config.json + safetensors and no Orbax "
+                              f"checkpoints/<step>/state ({'empty directory' if not listing else listing[:6]})")
+    layout, _, _ = read_config(path)
+    return layout
+
+
+def check_destination(src: str, dst: str, overwrite: bool) -> None:
+    from dsvl_jax.convert.export import DestinationExists
+    src_r, dst_r = os.path.realpath(src), os.path.realpath(dst)
+    if dst_r == src_r or dst_r.startswith(src_r + os.sep) or src_r.startswith(dst_r + os.sep):
+        raise DestinationExists(f"destination {dst!r} overlaps the source {src!r}; choose another folder")
+    if os.path.exists(dst) and not overwrite:
+        raise DestinationExists(f"destination {dst!r} already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"the folder {parent!r} that should hold the destination does not exist")
+
+
+def convert(src: str, dst: str, to: str, *, dtype: Optional[str] = None, overwrite: bool = False,
+            step: Optional[int] = None, max_shard_bytes: Optional[int] = None) -> str:
+    """Convert `src` (any supported layout, detected) to `to` at `dst`. Returns the destination path."""
+    from dsvl_jax.convert import orbax_io, stream
+    from dsvl_jax.convert.export import plan_tensors, write_folder
+    from dsvl_jax.convert.safetensors_io import MAX_SHARD_BYTES, CheckpointError
+    if to not in TARGETS:
+        raise ValueError(f"--to {to!r}: expected one of {TARGETS}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {DTYPES}")
+    kind = detect_source(src)
+    check_destination(src, dst, overwrite)
+    if step is not None and kind != "orbax":
+        raise CheckpointError(f"--step applies to Orbax sources; {src} is a PyTorch ({kind}) folder")
+    shard = max_shard_bytes or MAX_SHARD_BYTES
+    if kind == "orbax":
+        source = orbax_io.OrbaxSource(src, step)
+        loc = source.location
+        if to == "orbax":
+            cfg = source.config if dtype is None else source.config.replace(param_dtype=dtype)
+            return orbax_io.save_orbax_params(dst, cfg, source.params(dtype), step=loc.step,
+                                              overwrite=overwrite, side_files_from=loc.workdir)
+        plan, produce = plan_tensors(source.config, to, source.shape_of, source.dtype_of, source.array_of, dtype)
+        return write_folder(dst, source.config, to, plan, produce, overwrite=overwrite, max_shard_bytes=shard,
+                            side_files_from=loc.workdir)
+    if to == "orbax":
+        with stream.TorchSource(src) as source:
+            params = source.params(dtype)
+            d = dtype or source.dtype_name()
+            cfg = source.config.replace(dtype=d, param_dtype=d)
+            return orbax_io.save_orbax_params(dst, cfg, params, step=0, overwrite=overwrite,
+                                              side_files_from=source.path)
+    return stream.convert_torch(src, dst, to, dtype=dtype, overwrite=overwrite, max_shard_bytes=shard)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsvl-convert", description="Convert DeepSeek-VL checkpoints between an Orbax training checkpoint, "
+        "the HF transformers port and the official deepseek-ai layout (source layout auto-detected).")
+    p.add_argument("src", help="source: HF-port or official folder, or an Orbax workdir / checkpoints dir / step dir")
+    p.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
+    p.add_argument("--to", required=True, choices=TARGETS, help="destination layout")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep each tensor's dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--step", type=int, default=None, help="Orbax source: the step to read (default: latest)")
+    p.add_argument("--max-shard-size", type=parse_size, default=None,
+                   help="largest safetensors shard, e.g. 5GB (default) or 500MB")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work: never grab an accelerator
+    from dsvl_jax.convert.config_io import ConfigError
+    from dsvl_jax.convert.safetensors_io import CheckpointError
+    try:
+        out = convert(args.src, args.dst, args.to, dtype=args.dtype, overwrite=args.overwrite, step=args.step,
+                      max_shard_bytes=args.max_shard_size)
+    except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
+        msg = " ".join(str(e).split())  # one line, whatever the message
+        print(f"dsvl-convert: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"dsvl-convert: wrote {out} ({args.to})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

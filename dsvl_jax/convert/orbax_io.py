@@ -1,0 +1,268 @@
+"""The Orbax training-checkpoint contract, and reading / writing the params of such checkpoints.
+
+A training workdir looks like this (the trainer writes it with `checkpoint_manager` and `train_state`):
+
+    workdir/model_config.json            VLMConfig.to_dict()  (or checkpoints/config.json, same format)
+    workdir/checkpoints/<step>/state     ocp.args.StandardSave({"step": int array, "params": ..., "opt_state": ...})
+    workdir/checkpoints/<step>/data      the Grain iterator state (never read here)
+
+Conversion reads **params only** (partial restore: optimizer state is neither needed nor loaded), as
+numpy arrays on the host, whatever mesh the checkpoint was saved from. Written checkpoints have a
+`state` item with step and params only; tokenizer / processor files sit beside model_config.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+from flax import traverse_util
+
+from dsvl_jax.config import VLMConfig
+from dsvl_jax.convert.safetensors_io import CheckpointError
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_CONFIG = "model_config.json"
+ALT_CONFIG = "config.json"  # accepted inside the checkpoints dir
+ITEM_NAMES = ("state", "data")
+STATE, DATA = ITEM_NAMES
+
+
+class OrbaxError(CheckpointError):
+    """An Orbax checkpoint that cannot be read as asked; the message names the folder."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the contract, for the trainer
+# ---------------------------------------------------------------------------------------------
+def checkpoint_manager(workdir: str, options=None):
+    """`ocp.CheckpointManager(workdir/checkpoints, item_names=("state", "data"))`."""
+    import orbax.checkpoint as ocp
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR), item_names=ITEM_NAMES,
+                                 options=options)
+
+
+def train_state(step: int, params, opt_state=None) -> dict:
+    """The `state` item: {"step", "params"} plus "opt_state" when given (a training save)."""
+    state = {"step": np.asarray(step, np.int32), "params": params}
+    if opt_state is not None:
+        state["opt_state"] = opt_state
+    return state
+
+
+def write_model_config(workdir: str, cfg: VLMConfig) -> str:
+    path = os.path.join(workdir, MODEL_CONFIG)
+    with open(path + ".tmp", "w") as f:  # then renamed: a process killed mid-write leaves the old file intact
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def read_model_config(path: str) -> VLMConfig:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return VLMConfig.from_dict(d)
+    except (OSError, ValueError, TypeError) as e:
+        raise OrbaxError(f"{path}: not a model config written by VLMConfig.to_dict() ({e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# finding a checkpoint
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Location:
+    checkpoints_dir: str
+    step: int
+    step_dir: str
+    config_path: str
+    workdir: Optional[str]  # holds model_config.json and side files; None if the layout has none
+
+
+def _steps(checkpoints_dir: str) -> list:
+    """Finished steps: Orbax writes into a temporary name and renames to the bare step number at the end."""
+    return sorted(int(n) for n in os.listdir(checkpoints_dir)
+                  if n.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, n)))
+
+
+def is_orbax(path: str) -> bool:
+    """A training workdir, its checkpoints dir or one step dir (cheap: directory names only)."""
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)) or os.path.isdir(os.path.join(path, STATE)):
+        return True
+    return any(os.path.isdir(os.path.join(path, n, STATE)) or os.path.isdir(os.path.join(path, n, DATA))
+               for n in os.listdir(path) if n.isdigit())
+
+
+def locate(path: str, step: Optional[int] = None) -> Location:
+    """Resolve a workdir / checkpoints dir / step dir (latest step unless `step`) and its model config."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
+        ckdir = os.path.join(path, CHECKPOINTS_DIR)
+    elif os.path.basename(path).isdigit() and (os.path.isdir(os.path.join(path, STATE))
+                                               or os.path.isdir(os.path.join(path, DATA))):
+        ckdir = os.path.dirname(path)
+        if step is not None and step != int(os.path.basename(path)):
+            raise OrbaxError(f"{path} is the step-{int(os.path.basename(path))} folder, but step {step} was asked")
+        step = int(os.path.basename(path))
+    else:
+        ckdir = path
+    steps = _steps(ckdir) if os.path.isdir(ckdir) else []
+    if not steps:
+        raise OrbaxError(f"{ckdir}: no finished Orbax checkpoint step (expected <step>/{STATE} folders)")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise OrbaxError(f"{ckdir}: no step {step}; the checkpoint has steps {steps}")
+    parent = os.path.dirname(ckdir)
+    candidates = [os.path.join(parent, MODEL_CONFIG), os.path.join(ckdir, ALT_CONFIG), os.path.join(ckdir, MODEL_CONFIG)]
+    config_path = next((c for c in candidates if os.path.isfile(c)), None)
+    if config_path is None:
+        raise OrbaxError(f"{ckdir}: no model config: expected {candidates[0]} (or {ALT_CONFIG} in the checkpoints "
+                         f"dir) holding VLMConfig.to_dict()")
+    workdir = parent if os.path.basename(ckdir) == CHECKPOINTS_DIR else None
+    return Location(ckdir, step, os.path.join(ckdir, str(step)), config_path, workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# params in and out
+# ---------------------------------------------------------------------------------------------
+def _quiet_orbax():
+    from absl import logging
+    logging.set_verbosity(logging.ERROR)  # Orbax warns about metadata files it does not need
+
+
+class OrbaxSource:
+    """The params of one step of an Orbax checkpoint, checked against its model config up front (from
+    the metadata alone) and restored onto the host as numpy arrays, whatever mesh they were saved from.
+
+    Partial restores only: the optimizer state is never read. A checkpoint whose params exceed
+    `resident_bytes` is restored one param at a time as an export asks for them (a few recent ones
+    cached, for fused PyTorch tensors), so converting it never holds the whole model; smaller ones are
+    restored in one call."""
+
+    def __init__(self, path: str, step: Optional[int] = None, *, resident_bytes: int = 2**30):
+        import orbax.checkpoint as ocp
+
+        from dsvl_jax.convert.load import param_shapes
+        _quiet_orbax()
+        self.location = loc = locate(path, step)
+        self.config = cfg = read_model_config(loc.config_path)
+        self.state_dir = state_dir = os.path.join(loc.step_dir, STATE)
+        if not os.path.isdir(state_dir):
+            raise OrbaxError(f"{loc.step_dir}: no '{STATE}' item, so no params "
+                             f"(found {sorted(os.listdir(loc.step_dir))})")
+        self._ckpt = ocp.PyTreeCheckpointer()
+        try:
+            meta = self._ckpt.metadata(state_dir)
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        except Exception as e:  # Orbax raises a variety of types for unreadable folders
+            raise OrbaxError(f"{state_dir}: unreadable Orbax metadata ({type(e).__name__}: {e})") from None
+        if not isinstance(tree, dict) or "params" not in tree:
+            keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+            raise OrbaxError(f"{state_dir}: the Orbax state has no 'params' (it holds {keys})")
+        self._meta = have = traverse_util.flatten_dict(tree["params"], sep="/")
+        want = param_shapes(cfg)
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        if missing or extra:
+            raise OrbaxError(f"{state_dir}: params do not match {loc.config_path}: missing {missing[:4]}, "
+                             f"unexpected {extra[:4]}")
+        for p, sds in want.items():
+            if tuple(have[p].shape) != tuple(sds.shape):
+                raise OrbaxError(f"{state_dir}: param {p!r} has shape {tuple(have[p].shape)}; {loc.config_path} "
+                                 f"needs {tuple(sds.shape)}")
+        total = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in have.values())
+        self._whole = self._restore(list(have)) if total <= resident_bytes else None
+        self._cache: dict = {}  # path → array, insertion order = recency
+        self._cache_bytes = min(resident_bytes, 2**29)
+
+    def _restore(self, paths: list) -> dict:
+        import orbax.checkpoint as ocp
+        item = {"params": traverse_util.unflatten_dict({p: np.empty((0,), self._meta[p].dtype) for p in paths},
+                                                       sep="/")}
+        args = {"params": traverse_util.unflatten_dict({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths},
+                                                       sep="/")}
+        out = self._ckpt.restore(self.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                             partial_restore=True))
+        return traverse_util.flatten_dict(out["params"], sep="/")
+
+    # -- the three callbacks of export.plan_tensors --
+    def shape_of(self, p: str):
+        return tuple(self._meta[p].shape) if p in self._meta else None
+
+    def dtype_of(self, p: str) -> np.dtype:
+        return np.dtype(self._meta[p].dtype)
+
+    def array_of(self, p: str, layer) -> np.ndarray:
+        arr = self.get(p)
+        return arr if layer is None else arr[layer]
+
+    def get(self, p: str) -> np.ndarray:
+        if self._whole is not None:
+            return self._whole[p]
+        if p in self._cache:
+            self._cache[p] = self._cache.pop(p)  # most recent last
+        else:
+            self._cache[p] = self._restore([p])[p]
+            while len(self._cache) > 1 and sum(a.nbytes for a in self._cache.values()) > self._cache_bytes:
+                del self._cache[next(iter(self._cache))]
+        return self._cache[p]
+
+    def params(self, dtype=None) -> dict:
+        """All params as a nested numpy dict (`dtype` casts)."""
+        flat = self._whole if self._whole is not None else self._restore(list(self._meta))
+        if dtype is not None:
+            import jax.numpy as jnp
+            target = np.dtype(jnp.dtype(dtype))
+            flat = {p: a.astype(target, copy=False) for p, a in flat.items()}
+        return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def load_orbax_params(path: str, step: Optional[int] = None, dtype=None) -> tuple:
+    """(VLMConfig, params as nested numpy arrays) from a training workdir / checkpoints dir / step dir
+    (latest step unless `step`): params only, onto the host, whatever mesh they were saved from."""
+    source = OrbaxSource(path, step)
+    return source.config, source.params(dtype)
+
+
+def _lean_state_handler():
+    """Writes the same format as the trainer's StandardSave, with the host memory a converter wants:
+    numpy params are written in place (Orbax deep-copies them by default) and uncompressed (compressing
+    into OCDBT buffered ~0.8x the checkpoint; bf16 weights shrink only ~30% anyway)."""
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+    registry = th.create_type_handler_registry(
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)), (np.number, th.ScalarHandler()),
+        (int, th.ScalarHandler()), (float, th.ScalarHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, save_concurrent_gb=1, use_compression=False)
+
+
+def save_orbax_params(path: str, cfg: VLMConfig, params, step: int = 0, *, overwrite: bool = False,
+                      side_files_from: Optional[str] = None) -> str:
+    """Write a workdir holding model_config.json and checkpoints/<step>/state = {step, params}, atomically
+    (a temporary folder beside `path`, renamed at the end). `checkpoint_manager(path)` and
+    `load_orbax_params(path)` read it back. Returns the workdir path."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from dsvl_jax import sharding
+    from dsvl_jax.convert.export import atomic_directory, check_params, copy_side_files
+    _quiet_orbax()
+    check_params(cfg, params)
+    params = jax.tree.map(sharding.host_array, params)  # numpy leaves: written as they are, no device copy
+    with atomic_directory(path, overwrite) as tmp:
+        write_model_config(tmp, cfg)
+        mngr = ocp.CheckpointManager(os.path.join(tmp, CHECKPOINTS_DIR), item_handlers={STATE: _lean_state_handler()},
+                                     options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+        try:
+            mngr.save(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(train_state(step, params))}))
+            mngr.wait_until_finished()
+        finally:
+            mngr.close()
+        copy_side_files(side_files_from, tmp)
+    return os.path.abspath(path)
