@@ -4,8 +4,16 @@ Layers are stacked on a leading "layers" axis and run with `nn.scan` (one compil
 optional remat policy. Attention takes a boolean mask [B, T, S] built by the helpers below, so one
 code path serves training (causal + padding + packed segments) and KV-cache decoding (slots of a
 pre-allocated cache).
+
+KV cache: a pair (k, v) of [layers, B, S, kv_heads, head_dim] arrays. The scan reads it (each layer
+its own slice) but does not carry or rebuild it: a layer attends to the cached slots and to its new
+keys/values separately (one softmax over both) and returns only the new columns, which are written
+into the cache once, after the scan. A decode step therefore moves the cache through memory once
+(the attention read), not several times (slice, update, re-stack, copy back).
 """
 from __future__ import annotations
+
+import itertools
 
 import flax.linen as nn
 import jax
@@ -61,7 +69,10 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
+        """With `cache` (the whole stacked (k, v) pair) and `layer` (this layer's index): attend to the
+        cached slots < cache_index and to the new tokens; returns the new (k, v) columns in the cache
+        dtype instead of an updated cache."""
         c = self.cfg
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
         nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -71,22 +82,34 @@ class Attention(nn.Module):
         q = constrain(rope(q, positions, c.rope_theta), ("act_batch", "act_len", "act_heads", None))
         k = constrain(rope(k, positions, c.rope_theta), ("act_batch", "act_len", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
-        new_cache = None
-        if cache is not None:
-            ck, cv = cache
-            k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_cache = (k, v)
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
         b, t = q.shape[:2]
         qg = q.reshape(b, t, nkv, nh // nkv, d)
-        logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-        logits = jnp.where(mask[:, None, None, :, :], logits, NEG_INF)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, nh, d)
-        o = constrain(o, ("act_batch", "act_len", "act_heads", None))
+        parts = [(k, v, mask)]  # (keys, values, mask) groups sharing one softmax
+        new_kv = None
+        if cache is not None:
+            new_kv = (k.astype(cache[0].dtype), v.astype(cache[1].dtype))
+            k, v = new_kv[0].astype(self.dtype), new_kv[1].astype(self.dtype)  # as if read back from the cache
+            parts = [(k, v, jax.lax.dynamic_slice_in_dim(mask, cache_index, t, axis=2))]  # new tokens
+            if not (isinstance(cache_index, int) and cache_index == 0):  # slots before cache_index
+                old_k, old_v = (jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False).astype(self.dtype)
+                                for a in cache)
+                parts.insert(0, (old_k, old_v, mask & (jnp.arange(mask.shape[2]) < cache_index)))
+        # One einsum per group (no concatenated copy of the cached keys/values), one softmax over all.
+        logits = [jnp.where(m[:, None, None],
+                            jnp.einsum("btkgd,bskd->bkgts", qg, kk, preferred_element_type=jnp.float32) * (d ** -0.5),
+                            NEG_INF) for kk, _, m in parts]
+        if len(parts) == 1:
+            probs = [jax.nn.softmax(logits[0], axis=-1).astype(self.dtype)]
+        else:
+            split_at = list(itertools.accumulate(lg.shape[-1] for lg in logits))[:-1]
+            probs = jnp.split(jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1).astype(self.dtype), split_at,
+                              axis=-1)
+        o = jnp.einsum("bkgts,bskd->btkgd", probs[0], parts[0][1])
+        for p, (_, vv, _) in zip(probs[1:], parts[1:]):
+            o = o + jnp.einsum("bkgts,bskd->btkgd", p, vv)
+        o = constrain(o.reshape(b, t, nh, d), ("act_batch", "act_len", "act_heads", None))
         out = dense(c.hidden_size, ("heads", "head_dim", "embed"), in_axes=(-2, -1), **kw, name="o_proj")(o)
-        return out, new_cache
+        return out, new_kv
 
 
 class DecoderLayer(nn.Module):
@@ -95,11 +118,11 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, **kw, name="input_layernorm")(x)
-        h, new_cache = Attention(c, **kw, name="self_attn")(h, positions, mask, cache, cache_index)
+        h, new_kv = Attention(c, **kw, name="self_attn")(h, positions, mask, cache, cache_index, layer)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, **kw, name="post_attention_layernorm")(x)
         dkw = dict(use_bias=False, **kw)
@@ -107,7 +130,7 @@ class DecoderLayer(nn.Module):
         up = dense(c.intermediate_size, ("embed", "mlp"), **dkw, name="up_proj")(h)
         h = constrain(activation(c.hidden_act)(gate) * up, ("act_batch", "act_len", "act_mlp"))
         x = x + dense(c.hidden_size, ("mlp", "embed"), **dkw, name="down_proj")(h)
-        return constrain(x, ("act_batch", "act_len", "act_embed")), new_cache
+        return constrain(x, ("act_batch", "act_len", "act_embed")), new_kv
 
 
 class Decoder(nn.Module):
@@ -123,9 +146,10 @@ class Decoder(nn.Module):
         c = self.cfg
         self.embed_tokens = self.param("embed_tokens", boxed(normal(), ("vocab", "embed")),
                                        (c.vocab_size, c.hidden_size), self.param_dtype)
-        # The cache (or None) is scanned over its leading layer axis; everything else is broadcast.
+        # Only the layer index is scanned; the cache (or None) is read by each layer, not carried.
         self.layers = nn.scan(maybe_remat(DecoderLayer, self.remat_policy), variable_axes={"params": 0},
-                              split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                              split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                               length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
             c, self.dtype, self.param_dtype)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -138,8 +162,15 @@ class Decoder(nn.Module):
         return jnp.take(self.embed_tokens, ids, axis=0).astype(self.dtype)
 
     def run_layers(self, x, positions, mask, cache=None, cache_index=None):
-        """x [B, T, D] → final-normed hidden states, and the updated cache ([L, B, S, kv, d] pairs) or None."""
-        x, new_cache = self.layers(x, positions, mask, cache, cache_index)
+        """x [B, T, D] → final-normed hidden states, and the updated cache ([L, B, S, kv, d] pairs) or None.
+
+        With a cache, the T new tokens go to slots cache_index.. and `mask` [B, T, S] covers all S slots."""
+        layer_ids = None if cache is None else jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)
+        x, new_kv = self.layers(x, positions, mask, cache, cache_index, layer_ids)
+        if cache is None:
+            return self.norm(x), None
+        new_cache = tuple(jax.lax.dynamic_update_slice(c, n, (0, 0, cache_index, 0, 0))
+                          for c, n in zip(cache, new_kv))
         return self.norm(x), new_cache
 
     def logits(self, h):

@@ -1,0 +1,248 @@
+"""Decode and prefill speed: dsvl_jax `VLM.generate` vs transformers `generate`, same weights, fp32, CPU.
+
+    python benchmarks/generate_vs_torch.py [--models small 1.3b] [--new-tokens 32] [--text-tokens 64]
+
+For each model: one random-weight checkpoint is written once (transformers' own init, fp32,
+`save_pretrained`); then each side runs in its own subprocess, one after the other, so that only
+one copy of the weights is ever in memory (the 1.3B is ~8 GB in fp32) and the two thread pools never
+compete; `--rounds` alternates torch and dsvl_jax workers so that a change in machine load hits both.
+The prompt is one image (random pixels) + `--text-tokens` random text tokens around it, batch 1;
+EOS is off on both sides, so both decode exactly `--new-tokens` tokens (greedy).
+
+Both sides are timed the same way, end to end through their public `generate` (input checks and host
+transfers included), best of `--repeats` calls after a warm-up call (which compiles, for dsvl_jax):
+- prefill s: one `generate(max_new_tokens=1)` call (images encoded, cache filled, first token);
+- decode tok/s: 1 / ((t(N) - t(1)) / (N - 1)), N = --new-tokens;
+- cpu ratio: the same decode difference in process CPU seconds (all threads), ours / torch — the
+  work per token, less sensitive than wall time to other load on a shared machine;
+- compile s (dsvl_jax): lowering + XLA compile of prefill, first token and decode loop (+ the single
+  step of the streaming path), from the first calls.
+dsvl_jax's own `Timings` (compile excluded, per phase) are in the JSON too. Targets: decode ≥ 3x,
+prefill time ratio (ours / torch) ≤ 0.9.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def model_config(name: str):
+    from dsvl_jax import config as C
+
+    if name == "1.3b":
+        return C.deepseek_vl_1p3b()
+    if name == "small":
+        # The 1.3B layout at 1/4 width and 4 layers, real vocabulary and real 384 px / 576-token images:
+        # a regime where per-token overhead, not weight traffic, decides the decode speed.
+        return C.VLMConfig(
+            text=C.TextConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                              num_key_value_heads=8, head_dim=64),
+            siglip=C.SiglipConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                  num_attention_heads=4),
+            adapter="mlp_gelu")
+    raise ValueError(f"unknown model {name!r}: expected 'small' or '1.3b'")
+
+
+def prompt(cfg, text_tokens: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    vocab = np.setdiff1d(np.arange(1, min(cfg.text.vocab_size, 100000)), [cfg.image_token_id])
+    text = rng.choice(vocab, size=text_tokens)
+    half = text_tokens // 2
+    ids = np.concatenate([text[:half], np.full(cfg.num_image_tokens, cfg.image_token_id), text[half:]])
+    pv = rng.standard_normal((1, 3, cfg.siglip.image_size, cfg.siglip.image_size)).astype(np.float32)
+    hv = None
+    if cfg.is_hybrid:
+        s = cfg.sam.image_size
+        hv = rng.standard_normal((1, 3, s, s)).astype(np.float32)
+    return ids[None].astype(np.int64), pv, hv
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (each runs in its own process)
+# ---------------------------------------------------------------------------------------------
+def make_checkpoint(name: str, path: str) -> dict:
+    import torch
+    from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
+
+    from tests.helpers.torch_ref import hf_config
+
+    cfg = model_config(name)
+    torch.manual_seed(0)
+    klass = DeepseekVLHybridForConditionalGeneration if cfg.is_hybrid else DeepseekVLForConditionalGeneration
+    t0 = time.perf_counter()
+    model = klass(hf_config(cfg)).eval().float()
+    model.save_pretrained(path)
+    n = sum(p.numel() for p in model.parameters())
+    return {"params": n, "seconds": time.perf_counter() - t0}
+
+
+def _measure(generate, new_tokens: int, repeats: int, warm_up: bool = True) -> dict:
+    """Prefill = one call with max_new_tokens=1; decode = (t(N) - t(1)) / (N - 1); wall and process CPU
+    seconds (all threads), best of `repeats` after a warm-up call."""
+    def timed(n):
+        t0, c0 = time.perf_counter(), time.process_time()
+        tokens = generate(n)
+        return time.perf_counter() - t0, time.process_time() - c0, tokens
+
+    if warm_up:
+        timed(2)
+    one = [timed(1) for _ in range(repeats)]
+    full = [timed(new_tokens) for _ in range(repeats)]
+    assert all(len(r[2]) == new_tokens for r in full), "generation stopped early"
+    wall1, cpu1 = min(r[0] for r in one), min(r[1] for r in one)
+    walln, cpun = min(r[0] for r in full), min(r[1] for r in full)
+    return {"prefill_s": wall1, "prefill_cpu_s": cpu1,
+            "decode_s_per_token": (walln - wall1) / (new_tokens - 1),
+            "decode_cpu_s_per_token": (cpun - cpu1) / (new_tokens - 1),
+            "tokens": [int(t) for t in full[0][2]], "load_avg": os.getloadavg()[0]}
+
+
+def run_torch(name: str, path: str, new_tokens: int, text_tokens: int, repeats: int) -> dict:
+    import torch
+    from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
+
+    cfg = model_config(name)
+    klass = DeepseekVLHybridForConditionalGeneration if cfg.is_hybrid else DeepseekVLForConditionalGeneration
+    model = klass.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids, pv, hv = prompt(cfg, text_tokens)
+    kw = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones_like(torch.from_numpy(ids)),
+          "pixel_values": torch.from_numpy(pv), "do_sample": False}
+    if hv is not None:
+        kw["high_res_pixel_values"] = torch.from_numpy(hv)
+
+    def generate(n):
+        with torch.inference_mode():
+            return model.generate(**kw, max_new_tokens=n, min_new_tokens=n)[0, ids.shape[1]:].tolist()
+
+    return {**_measure(generate, new_tokens, repeats), "threads": torch.get_num_threads()}
+
+
+def run_jax(name: str, path: str, new_tokens: int, text_tokens: int, repeats: int, devices: int = 1) -> dict:
+    import jax
+
+    from dsvl_jax import sharding
+    from dsvl_jax.convert.load import load_pretrained
+
+    cfg = model_config(name)
+    assert jax.device_count() == devices, (jax.device_count(), devices)
+    mesh = sharding.make_mesh(data=1, fsdp=1, tensor=devices) if devices > 1 else None
+    vlm = load_pretrained(path, mesh=mesh)
+    ids, pv, hv = prompt(cfg, text_tokens)
+    gen = vlm.generator
+    kw = dict(pixel_values=pv, high_res_pixel_values=hv)
+    first = gen.generate(ids, max_new_tokens=new_tokens, **kw)  # compiles prefill + first token + decode loop
+    last = {}
+
+    def generate(n):
+        last[n] = gen.generate(ids, max_new_tokens=n, **kw)
+        return last[n].tokens[0]
+
+    out = _measure(generate, new_tokens, repeats, warm_up=False)
+    loop = last[new_tokens].timings
+    stepped = gen.generate(ids, loop="python", max_new_tokens=new_tokens, **kw)  # compiles the single step
+    return {**out, "compile_s": first.timings.compile_s, "compile_s_step": stepped.timings.compile_s,
+            "engine_prefill_s": loop.prefill_s, "engine_decode_tokens_per_s": loop.decode_tokens_per_s,
+            "engine_decode_tokens_per_s_python_loop": stepped.timings.decode_tokens_per_s,
+            "same_tokens_python_loop": stepped.tokens.tolist() == first.tokens.tolist(),
+            "prompt_tokens": int(ids.shape[1]), "devices": devices}
+
+
+WORKERS = {"checkpoint": make_checkpoint, "torch": run_torch, "jax": run_jax}
+
+
+def _subprocess(worker: str, *args, devices: int = 1) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", worker, *map(str, args)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{worker} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["small", "1.3b"], choices=["small", "1.3b"])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--text-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating torch/jax worker rounds")
+    ap.add_argument("--jax-devices", type=int, nargs="+", default=[1, 2],
+                    help="dsvl_jax runs: 1 = one CPU device; n > 1 = n host devices as a tensor-parallel mesh "
+                         "(XLA runs a batch-1 matrix-vector product on one thread per device)")
+    ap.add_argument("--workdir", default=None, help="where checkpoints go (default: a temporary folder)")
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._worker:
+        worker, name, path, *rest = args._worker
+        print(json.dumps(WORKERS[worker](name, path, *map(int, rest))))
+        return 0
+
+    results = {}
+    sides = ["torch"] + [f"jax{d}" for d in args.jax_devices]
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for name in args.models:
+            path = os.path.join(tmp, name)
+            made = _subprocess("checkpoint", name, path)
+            runs = {side: [] for side in sides}
+            for _ in range(args.rounds):  # alternate, so that a change in machine load hits every side
+                runs["torch"].append(_subprocess("torch", name, path, args.new_tokens, args.text_tokens,
+                                                 args.repeats))
+                for d in args.jax_devices:
+                    runs[f"jax{d}"].append(_subprocess("jax", name, path, args.new_tokens, args.text_tokens,
+                                                       args.repeats, d, devices=d))
+            shutil.rmtree(path, ignore_errors=True)
+            best = {side: _best(r) for side, r in runs.items()}
+            results[name] = {"params": made["params"], "runs": runs, "best": best,
+                             "same_greedy_tokens": len({tuple(r["tokens"]) for rs in runs.values() for r in rs}) == 1}
+            for side in sides[1:]:
+                best[side]["decode_speedup"] = best["torch"]["decode_s_per_token"] / best[side]["decode_s_per_token"]
+                best[side]["prefill_time_ratio"] = best[side]["prefill_s"] / best["torch"]["prefill_s"]
+                best[side]["decode_cpu_ratio"] = (best[side]["decode_cpu_s_per_token"]
+                                                  / best["torch"]["decode_cpu_s_per_token"])
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    print(f"prompt: 1 image + {args.text_tokens} text tokens, batch 1, {args.new_tokens} new tokens, fp32, greedy, "
+          f"{os.cpu_count()} CPU cores; best of {args.rounds} alternating rounds x {args.repeats} calls")
+    print(f"{'model':6} {'params':>6} {'side':13} {'prefill s':>9} {'ratio':>6} {'decode tok/s':>12} {'speedup':>7} "
+          f"{'cpu ratio':>9} {'compile s':>9} {'load':>5}")
+    for name, r in results.items():
+        for side, b in r["best"].items():
+            label = "transformers" if side == "torch" else f"dsvl_jax x{side[3:]}dev"
+            extra = ("" if side == "torch" else
+                     f"{b['prefill_time_ratio']:6.2f} {1 / b['decode_s_per_token']:12.2f} {b['decode_speedup']:6.2f}x "
+                     f"{b['decode_cpu_ratio']:9.2f} {b['compile_s']:9.1f}")
+            if side == "torch":
+                extra = f"{'':6} {1 / b['decode_s_per_token']:12.2f} {'':7} {'':9} {'':9}"
+            print(f"{name:6} {r['params'] / 1e9:5.2f}B {label:13} {b['prefill_s']:9.2f} {extra} {b['load_avg']:5.1f}")
+        print(f"{name:6} same greedy tokens on every side: {r['same_greedy_tokens']}")
+    return 0
+
+
+def _best(runs: list) -> dict:
+    """Per figure, the best over rounds (the least disturbed by other load)."""
+    out = dict(min(runs, key=lambda r: r["decode_s_per_token"]))
+    out["prefill_s"] = min(r["prefill_s"] for r in runs)
+    if "compile_s" in out:
+        out["compile_s"] = min(r["compile_s"] + r["compile_s_step"] for r in runs)
+    out["load_avg"] = max(r["load_avg"] for r in runs)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
