@@ -1,14 +1,17 @@
 r"""DeepSeek-VL 1.3B, the paper's three stages (Table 4), on a Cloud TPU slice.
 
     dsvl-train --config configs/deepseek_vl_1p3b.py:stage1 --workdir gs://BUCKET/1p3b/s1 \
-        --config.data.tokenizer=... --config.data.sources='[...]'
+        --config.data.tokenizer=... --config.data.sources_json='[...]'
     dsvl-train --config configs/deepseek_vl_1p3b.py:stage2 --workdir .../s2 --config.init.from_checkpoint=.../s1
     dsvl-train --config configs/deepseek_vl_1p3b.py:stage3 --workdir .../s3 --config.init.from_checkpoint=.../s2
 
-Hardware and cost (analytic FLOPs, `tools/aot_compile.py` for memory; MFU assumed 45%):
-  stage 1: 15k steps × 256 rows × 1,024 tokens, adaptor only (frozen LLM: backward through it) → ~4 h on v5p-8.
-  stage 2: 96k steps × 1,024 rows × 4,096 tokens (packed, 7:3 text:multimodal) → ~4.4e21 FLOP → ~6 days on v5p-64.
-  stage 3: 10k steps × 256 rows × 4,096 tokens → ~12 h on v5p-64.
+Hardware and cost (model FLOPs from `dsvl_jax.train.flops`, MFU assumed 45%; v5p-N has N/2 chips; check memory with
+`python tools/aot_compile.py --config configs/deepseek_vl_1p3b.py:stage2 --topology v5p:4x4x4` before paying for a slice):
+  stage 1: 15k steps × 256 rows × 1,024 tokens, adaptor only (the frozen LLM still runs its backward for dX)
+           → 2.7e19 FLOP → ~4.5 h on v5p-16.
+  stage 2: 96k steps × 1,024 rows × 4,096 tokens (packed, 7:3 text:multimodal) → 4.6e21 FLOP → ~8 days on v5p-64,
+           ~2 days on v5p-256.
+  stage 3: 10k steps × 256 rows × 4,096 tokens → 1.3e20 FLOP → ~5.5 h on v5p-64.
 Stage 1 uses 1,024 tokens instead of the paper's 512: one image alone is 576 tokens.
 """
 from dsvl_jax.config import deepseek_vl_1p3b

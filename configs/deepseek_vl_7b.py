@@ -1,14 +1,15 @@
 r"""DeepSeek-VL 7B (SAM-B + SigLIP hybrid), the paper's three stages (Table 4), on a Cloud TPU slice.
 
     dsvl-train --config configs/deepseek_vl_7b.py:stage2 --workdir gs://BUCKET/7b/s2 \
-        --config.init.from_checkpoint=gs://BUCKET/7b/s1 --config.data.tokenizer=... --config.data.sources='[...]'
+        --config.init.from_checkpoint=gs://BUCKET/7b/s1 --config.data.tokenizer=... --config.data.sources_json='[...]'
 
-Hardware and cost (analytic FLOPs; memory from `python tools/aot_compile.py --config configs/deepseek_vl_7b.py:stage2`;
-MFU assumed 45%):
-  stage 1: 15k steps × 256 rows × 1,024 tokens, adaptor (+ SAM necks/downsample) only → ~1 day on v5p-64.
+Hardware and cost (model FLOPs from `dsvl_jax.train.flops`, MFU assumed 45%; v5p-N has N/2 chips; memory from
+`python tools/aot_compile.py --config configs/deepseek_vl_7b.py:stage2 --topology v5p:4x4x8 --grad-accum 18`):
+  stage 1: 15k steps × 256 rows × 1,024 tokens, adaptor (+ SAM necks/downsample) → 1.1e20 FLOP → ~5 h on v5p-64.
   stage 2: 42k steps × 2,304 rows × 4,096 tokens (packed, 7:3 text:multimodal, modality warm-up)
-           → ~1.7e22 FLOP → ~4.6 days on v5p-256 (the paper: 5 days on 512 A100s).
-  stage 3: 10k steps × 256 rows × 4,096 tokens, SAM-B frozen → ~1 day on v5p-64.
+           → 1.8e22 FLOP → ~8 days on v5p-256 (128 chips; 23 GiB per chip at grad_accum 18, AOT-compiled);
+           the smallest v5p slice that fits at the paper's batch is v5p-16 (86.6 GiB per chip, grad_accum 144).
+  stage 3: 10k steps × 256 rows × 4,096 tokens, SAM-B frozen → 5e20 FLOP → ~21 h on v5p-64.
 """
 from dsvl_jax.config import deepseek_vl_7b
 from dsvl_jax.train.config_base import released_size_config

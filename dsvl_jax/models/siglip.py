@@ -85,6 +85,6 @@ class SiglipTower(nn.Module):
                        length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
             **kw, name="blocks")(x, None)
         x = LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
-        if c.use_head:
+        if c.use_head and self.is_initializing():  # created once for lossless conversion, never run
             MapHeadParams(c, self.param_dtype, name="head")()
         return x

@@ -44,5 +44,20 @@ def relpos_attention(q, k, v, rel_pos_h, rel_pos_w, *, grid, scale=None, impl: s
         blocks = {} if block_q is None else {"block_q": block_q}
         return relpos_attention_blockwise(*args, grid=grid, scale=scale, **blocks)
     blocks = {name: val for name, val in (("block_q", block_q), ("block_k", block_k)) if val is not None}
-    return relpos_attention_pallas(*args, grid=grid, scale=scale, interpret=impl == "pallas_interpret",
-                                   **blocks)
+    kernel = lambda *a: relpos_attention_pallas(*a, grid=grid, scale=scale, interpret=impl == "pallas_interpret",
+                                                **blocks)
+    return _per_shard(kernel, *args)
+
+
+def _per_shard(kernel, q, k, v, rel_pos_h, rel_pos_w):
+    """Mosaic kernels cannot be partitioned by XLA: under a mesh, run one kernel per shard of the images
+    (batch over data×fsdp) and heads (over tensor), with the small tables replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, rel_pos_h, rel_pos_w)
+    from jax.sharding import PartitionSpec as P
+
+    from dsvl_jax.sharding import logical_to_spec
+    spec = logical_to_spec(("act_batch", "act_heads", None, None), q.shape, mesh)
+    return jax.shard_map(kernel, in_specs=(spec, spec, spec, P(), P()), out_specs=spec,
+                         check_vma=False)(q, k, v, rel_pos_h, rel_pos_w)
