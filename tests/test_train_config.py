@@ -72,3 +72,15 @@ def test_shipped_configs_load_and_validate(path, corpus):
         c.data.sources, c.data.tokenizer = corpus
         devices = 8 if "tiny" in path else 256  # the real configs are for pods: validate the mesh for 256 chips
         check(c, device_count=devices)
+
+
+def test_sources_from_the_command_line_as_json(corpus):
+    import json
+    from dsvl_jax.train.validate import sources
+    c = _bad(corpus, **{"data.sources": []})
+    c.data.sources_json = json.dumps(corpus[0])
+    check(c)
+    assert sources(c) == corpus[0]
+    c.data.sources_json = "[{not json"
+    with pytest.raises(ConfigError, match="sources_json is not valid JSON"):
+        check(c)

@@ -2,7 +2,7 @@
 
 Per modality (text, multimodal) one stream, built on Grain:
 
-    each source: MapDataset.source(shards)[process::processes] -> tag -> shuffle(seed) -> repeat()
+    each source: MapDataset.source(files)[shard::shard_count] -> tag -> shuffle(seed) -> repeat()
     mix(sources, weights)  -> stream position n -> record code      (random access, stateless)
     .map(ExampleMaker)     -> example or skip marker                 (decoding: the expensive part)
     .to_iter_dataset()     -> .mp_prefetch(worker_count)            (order preserved: no filtering
@@ -15,8 +15,13 @@ state (step, each stream's packer and Grain state) is plain JSON: it saves with
 `grain.checkpoint.CheckpointSave(it)` inside an Orbax Composite and resumes exactly. Because the
 worker processes only map, the batches are the same for any worker count.
 
-`record_index[b, e]` holds a *record code* per example slot: code = (n·P + p)·2 + m for stream
-position n of modality m on process p of P; each code appears once in a run (-1 = empty slot,
+Data shards: the corpus is read as `shard_count` disjoint shards (default: one per process). Shard k
+has its own streams and fills the k-th block of batch/shard_count rows of every global batch; a
+process reads the shards of its own rows. A fixed shard_count makes the global batches independent
+of the process count: one process reading 2 shards yields what 2 processes reading one each assemble.
+
+`record_index[b, e]` holds a *record code* per example slot: code = (n·K + k)·2 + m for stream
+position n of modality m in data shard k of K; each code appears once in a run (-1 = empty slot,
 -2 = the continuation of a document split across rows). int32 allows 2^31 examples in a run, about
 5x the paper's largest stage (7B stage 2: 42k steps x 2304 rows x a few examples per row).
 """
@@ -54,6 +59,7 @@ class DataConfig:
     read_threads: int = 1  # decoding threads per process (main, or each worker)
     read_buffer: int = 16
     worker_buffer: int = 2  # elements each worker process keeps ready
+    shard_count: int = 0  # disjoint data shards (a multiple of the process count); 0 = one per process
 
     def __post_init__(self):
         if not self.sources:
@@ -63,6 +69,8 @@ class DataConfig:
             raise ValueError(f"source names must be unique, got {names}")
         if self.long_examples not in (SPLIT, TRUNCATE):
             raise ValueError(f"long_examples={self.long_examples!r}: expected {SPLIT!r} or {TRUNCATE!r}")
+        if self.shard_count < 0:
+            raise ValueError(f"shard_count={self.shard_count} must be >= 0 (0 = one shard per process)")
 
     def schedule(self, seed: int) -> ModalitySchedule:
         return ModalitySchedule.from_sources(self.sources, warmup_steps=self.mm_warmup_steps,
@@ -86,15 +94,15 @@ def row_spec(data_config: DataConfig, model_config, tokenizer, seq_len: int) -> 
 # ---------------------------------------------------------------------------------------------
 # Record codes (the record_index batch key)
 # ---------------------------------------------------------------------------------------------
-def record_code(position: int, process_index: int, process_count: int, modality: int) -> int:
-    return (position * process_count + process_index) * len(MODALITIES) + modality
+def record_code(position: int, shard: int, shard_count: int, modality: int) -> int:
+    return (position * shard_count + shard) * len(MODALITIES) + modality
 
 
-def decode_record_code(code: int, process_count: int) -> tuple[int, int, int]:
-    """code -> (stream position, process index, modality)."""
+def decode_record_code(code: int, shard_count: int) -> tuple[int, int, int]:
+    """code -> (stream position, data shard, modality)."""
     q, modality = divmod(int(code), len(MODALITIES))
-    position, process = divmod(q, process_count)
-    return position, process, modality
+    position, shard = divmod(q, shard_count)
+    return position, shard, modality
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +117,12 @@ class _Tag:
 
 @dataclasses.dataclass(frozen=True)
 class _Code:
-    process_index: int
-    process_count: int
+    shard: int
+    shard_count: int
     modality: int
 
     def __call__(self, position: int, item: dict) -> dict:
-        code = record_code(position, self.process_index, self.process_count, self.modality)
+        code = record_code(position, self.shard, self.shard_count, self.modality)
         if code >= 2**31:
             raise OverflowError(f"record code {code} of stream position {position} does not fit int32")
         return {**item, "code": code}
@@ -130,12 +138,13 @@ def open_source(src: SourceConfig):
 
 def record_stream(sources: Sequence[SourceConfig], modality: int, *, seed: int, process_index: int,
                   process_count: int, num_epochs: int | None) -> grain.MapDataset:
-    """Random-access stream of {"raw", "source", "code"} of one modality on one process."""
+    """Random-access stream of {"raw", "source", "code"} of one modality in data shard `process_index`
+    of `process_count` (the names predate data shards: a process used to be exactly one shard)."""
     parts = []
     for k, src in enumerate(sources):
         ds = grain.MapDataset.source(open_source(src))
         if len(ds) < process_count:
-            raise ValueError(f"source {src.name!r} has {len(ds)} records, fewer than the {process_count} processes")
+            raise ValueError(f"source {src.name!r} has {len(ds)} records, fewer than the {process_count} data shards")
         ds = ds[process_index::process_count].map(_Tag(src.name))
         parts.append(ds.shuffle(seed=_stream_seed(seed, modality, k)).repeat(num_epochs))
     mixed = mix_map_datasets(parts, [s.weight for s in sources])
@@ -146,29 +155,31 @@ def record_stream(sources: Sequence[SourceConfig], modality: int, *, seed: int, 
 # Mixing rows into batches
 # ---------------------------------------------------------------------------------------------
 class MixtureBatchIterDataset(grain.IterDataset):
-    """Rows from the per-modality packers, picked by the schedule, stacked into a local batch."""
+    """Rows from the per-(data shard, modality) packers, picked by the schedule, stacked into a local batch."""
 
-    def __init__(self, streams: dict[int, grain.IterDataset], schedule: ModalitySchedule, *,
+    def __init__(self, streams: dict[tuple[int, int], grain.IterDataset], schedule: ModalitySchedule, *,
                  local_batch: int, process_index: int, process_count: int, task_vocabulary: tuple[str, ...],
-                 records: dict[int, grain.MapDataset]):
+                 records: dict[tuple[int, int], grain.MapDataset], shard_count: int | None = None):
         super().__init__(list(streams.values()))
-        self._modalities = list(streams)
+        self._keys = list(streams)  # (data shard, modality)
         self.task_vocabulary = task_vocabulary
-        self._records = records  # per modality, the stream before decoding: code -> record
+        self._records = records  # per (data shard, modality), the stream before decoding: code -> record
         self._schedule = schedule
         self._local_batch, self._process_index, self._process_count = local_batch, process_index, process_count
         self._global_batch = local_batch * process_count
+        self._shard_count = shard_count or process_count
+        self._shard_batch = self._global_batch // self._shard_count  # consecutive rows of one data shard
 
     def __iter__(self) -> "MixtureBatchIterator":
-        return MixtureBatchIterator({m: p.__iter__() for m, p in zip(self._modalities, self._parents)}, self)
+        return MixtureBatchIterator({k: p.__iter__() for k, p in zip(self._keys, self._parents)}, self)
 
     def record_key(self, code: int) -> tuple[str, str]:
         """(source name, record id) of a `record_index` code of this process, for a record-id log."""
-        position, process, modality = decode_record_code(code, self._process_count)
-        if process != self._process_index or modality not in self._records:
-            raise ValueError(f"record code {code} belongs to process {process}, modality {modality}; "
-                             f"this is process {self._process_index}")
-        item = self._records[modality][position]
+        position, shard, modality = decode_record_code(code, self._shard_count)
+        if (shard, modality) not in self._records:
+            raise ValueError(f"record code {code} belongs to data shard {shard}, modality {modality}; "
+                             f"process {self._process_index} reads shards {sorted({s for s, _ in self._records})}")
+        item = self._records[(shard, modality)][position]
         try:
             return item["source"], R.deserialize(item["raw"]).record_id
         except R.RecordError as e:
@@ -184,7 +195,8 @@ class MixtureBatchIterator(grain.DatasetIterator):
         self._streams = streams
         self.schedule = dataset._schedule
         self._local_batch, self._process_index = dataset._local_batch, dataset._process_index
-        self._global_batch = dataset._global_batch
+        self._global_batch, self._shard_batch = dataset._global_batch, dataset._shard_batch
+        self._one_shard = len({s for s, _ in streams}) == 1
         self.task_vocabulary = dataset.task_vocabulary  # names of task_ids; 0 = padding
         self.record_key = dataset.record_key  # code -> (source, record id)
         self.step = 0  # index of the next batch
@@ -193,9 +205,9 @@ class MixtureBatchIterator(grain.DatasetIterator):
         self._assert_not_closed()
         rows = []
         for i in range(self._local_batch):
-            modality = self.schedule.row_modality(self.step, self._process_index * self._local_batch + i,
-                                                  self._global_batch)
-            rows.append(next(self._streams[modality]))
+            row = self._process_index * self._local_batch + i
+            modality = self.schedule.row_modality(self.step, row, self._global_batch)
+            rows.append(next(self._streams[(row // self._shard_batch, modality)]))
         self.step += 1
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -210,17 +222,21 @@ class MixtureBatchIterator(grain.DatasetIterator):
             total = total.merged(it.stats)
         return total
 
+    def _state_key(self, key: tuple[int, int]) -> str:
+        shard, modality = key  # one shard per process (the usual case): the modality name alone
+        return MODALITIES[modality] if self._one_shard else f"{MODALITIES[modality]}@{shard}"
+
     def get_state(self) -> dict[str, Any]:
-        return {"step": self.step, "streams": {MODALITIES[m]: it.get_state() for m, it in self._streams.items()}}
+        return {"step": self.step, "streams": {self._state_key(k): it.get_state() for k, it in self._streams.items()}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         saved = set(state["streams"])
-        mine = {MODALITIES[m] for m in self._streams}
+        mine = {self._state_key(k) for k in self._streams}
         if saved != mine:
             raise ValueError(f"iterator state has streams {sorted(saved)}, this pipeline has {sorted(mine)}")
         self.step = int(state["step"])
-        for m, it in self._streams.items():
-            it.set_state(state["streams"][MODALITIES[m]])
+        for k, it in self._streams.items():
+            it.set_state(state["streams"][self._state_key(k)])
 
     def __str__(self) -> str:
         return "MixtureBatchIterator"
@@ -241,6 +257,10 @@ def make_train_dataset(data_config: DataConfig, model_config, tokenizer, *, batc
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
     if batch_size % process_count:
         raise ValueError(f"global batch_size={batch_size} is not divisible by process_count={process_count}")
+    shard_count = data_config.shard_count or process_count
+    if shard_count % process_count or batch_size % shard_count:
+        raise ValueError(f"shard_count={shard_count} must be a multiple of process_count={process_count} and "
+                         f"divide the global batch_size={batch_size}")
     if worker_count < 0:
         raise ValueError(f"worker_count={worker_count} must be >= 0")
     if worker_count:
@@ -248,21 +268,24 @@ def make_train_dataset(data_config: DataConfig, model_config, tokenizer, *, batc
     maker = ExampleMaker(tokenizer, model_config, tasks=data_config.tasks, max_pixels=data_config.max_image_pixels)
     spec = row_spec(data_config, model_config, tokenizer, seq_len)
     streams, records = {}, {}
-    for m, name in enumerate(MODALITIES):
-        sources = [s for s in data_config.sources if s.modality == name]
-        if not sources:
-            continue
-        records[m] = record_stream(sources, m, seed=seed, process_index=process_index, process_count=process_count,
-                                   num_epochs=data_config.num_epochs)
-        it = records[m].map(maker).to_iter_dataset(grain.ReadOptions(num_threads=data_config.read_threads,
-                                                  prefetch_buffer_size=data_config.read_buffer))
-        if worker_count:
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                             per_worker_buffer_size=data_config.worker_buffer))
-        streams[m] = PackIterDataset(it, spec)
+    per_process = shard_count // process_count
+    for shard in range(process_index * per_process, (process_index + 1) * per_process):
+        for m, name in enumerate(MODALITIES):
+            sources = [s for s in data_config.sources if s.modality == name]
+            if not sources:
+                continue
+            records[(shard, m)] = record_stream(sources, m, seed=seed, process_index=shard,
+                                                process_count=shard_count, num_epochs=data_config.num_epochs)
+            it = records[(shard, m)].map(maker).to_iter_dataset(
+                grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=data_config.read_buffer))
+            if worker_count:
+                it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                                 per_worker_buffer_size=data_config.worker_buffer))
+            streams[(shard, m)] = PackIterDataset(it, spec)
     return MixtureBatchIterDataset(streams, data_config.schedule(seed), local_batch=batch_size // process_count,
                                    process_index=process_index, process_count=process_count,
-                                   task_vocabulary=maker.task_vocabulary(), records=records)
+                                   task_vocabulary=maker.task_vocabulary(), records=records,
+                                   shard_count=shard_count)
 
 
 def make_train_iterator(data_config: DataConfig, model_config, tokenizer, *, batch_size: int, seq_len: int,
@@ -271,9 +294,10 @@ def make_train_iterator(data_config: DataConfig, model_config, tokenizer, *, bat
     """This process's iterator of local batches (numpy dicts with `BATCH_KEYS`).
 
     `batch_size` is the *global* batch; each process yields batch_size / process_count rows from its
-    own shard of every source. The iterator has get_state/set_state (save it with
-    `grain.checkpoint.CheckpointSave(it)`), `stats()` for the skip counters, `step_is_text_only()`
-    for modality grouping, `task_vocabulary` for `task_ids` and `record_key(code)` for the record log.
+    own data shards of every source (`data_config.shard_count`, default one per process). The iterator
+    has get_state/set_state (save it with `grain.checkpoint.CheckpointSave(it)`), `stats()` for the skip
+    counters, `step_is_text_only()` for modality grouping, `task_vocabulary` for `task_ids` and
+    `record_key(code)` for the record log.
     """
     ds = make_train_dataset(data_config, model_config, tokenizer, batch_size=batch_size, seq_len=seq_len,
                             seed=seed, process_index=process_index, process_count=process_count,

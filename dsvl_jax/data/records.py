@@ -170,6 +170,8 @@ def deserialize(data: bytes) -> Record:
         raise RecordError("non-UTF-8 text", str(e)) from None
     except json.JSONDecodeError as e:
         raise RecordError("malformed header", str(e)) from None
+    except RecursionError:  # e.g. "[[[[…" a hundred thousand deep
+        raise RecordError("malformed header", "JSON nested too deeply") from None
     if not isinstance(header, dict):
         raise RecordError("malformed header", f"header is {type(header).__name__}")
     sizes = _field(header, "image_bytes", list, "header")
@@ -326,6 +328,43 @@ def _to_camel(name: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in parts)
 
 
+# The only feature classes a record dataset names (what `write_tfds` writes).
+TFDS_FEATURE_CLASSES = ("tensorflow_datasets.core.features.features_dict.FeaturesDict",
+                        "tensorflow_datasets.core.features.scalar.Scalar")
+_CLASS_KEYS = ("pythonClassName", "python_class_name", "type", "protoCls", "proto_cls")
+
+
+def check_tfds_features(dataset_dir: str) -> None:
+    """Refuse a TFDS directory whose metadata names any other feature class: tfds imports the module
+    of every class named there, so a hostile dataset could run code (a module beside it on sys.path)."""
+    from etils import epath
+
+    def names(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in _CLASS_KEYS and isinstance(v, str):
+                    yield v
+                yield from names(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from names(v)
+
+    for meta in ("features.json", "dataset_info.json"):
+        path = epath.Path(dataset_dir) / meta
+        if not path.exists():
+            continue
+        try:
+            tree = json.loads(path.read_text())
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: unreadable TFDS metadata ({e})") from None
+        if meta == "dataset_info.json":
+            tree = tree.get("features", {}) if isinstance(tree, dict) else tree
+        bad = sorted(set(names(tree)) - set(TFDS_FEATURE_CLASSES))
+        if bad:
+            raise ValueError(f"{path}: names feature classes {bad}; a record dataset has only "
+                             f"{list(TFDS_FEATURE_CLASSES)} (refused: tfds would import their modules)")
+
+
 class TfdsRecordSource:
     """Random-access source of serialised records read from a prepared TFDS directory."""
 
@@ -337,6 +376,7 @@ class TfdsRecordSource:
         if self._src is None:
             import tensorflow_datasets as tfds
 
+            check_tfds_features(self.dataset_dir)
             self._src = tfds.builder_from_directory(self.dataset_dir).as_data_source(split=self.split)
         return self._src
 

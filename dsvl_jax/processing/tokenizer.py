@@ -146,6 +146,10 @@ class Tokenizer:
     # ---- encoding ----
     def _encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
         """Token ids and the character offset where each token starts (no BOS)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # the backends fail on it with a misleading TypeError / RuntimeError
+            raise ValueError(f"{self.source}: text is not valid Unicode ({e.reason} at index {e.start})") from None
         if self.kind == "tokenizers":
             enc = self._backend.encode(text, add_special_tokens=False)
             return list(enc.ids), [start for start, _ in enc.offsets]

@@ -21,21 +21,30 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
         self.every = every
-        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                            create=True)
+        # Folders are made in save() itself, so an unwritable workdir fails there at once with its OS error
+        # (made asynchronously, the failure left the Grain item waiting minutes for a "directory created"
+        # signal, then reported only that timeout). The data is still written in the background.
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
         self.manager = orbax_io.checkpoint_manager(workdir, opts)
+        self._in_flight = None  # the step of the last async save started
 
     def latest_step(self):
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
+        self.wait()  # (Orbax waits here anyway) a failed previous save is reported under its own step
         args = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
         try:
-            return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
-        except OSError as e:  # unwritable or full workdir: a clear error; the previous checkpoint stays intact
+            saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        # unwritable or full workdir: a clear error; the previous checkpoint stays intact. Tensorstore reports
+        # I/O errors (e.g. ENOSPC) as ValueError; an async save's error surfaces at the next save or wait.
+        except (OSError, ValueError) as e:
             raise CheckpointSaveError(f"saving checkpoint {step} under {self.manager.directory} failed: {e}") from e
+        self._in_flight = step
+        return saved
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """State restored onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding)."""
@@ -48,20 +57,20 @@ class Checkpointer:
     def wait(self):
         try:
             self.manager.wait_until_finished()
-        except OSError as e:
-            raise CheckpointSaveError(f"finishing a checkpoint under {self.manager.directory} failed: {e}") from e
+        except (OSError, ValueError) as e:
+            raise CheckpointSaveError(f"finishing checkpoint {self._in_flight} under {self.manager.directory} "
+                                      f"failed: {e}") from e
 
     def close(self):
-        self.manager.close()
+        try:
+            self.manager.close()  # waits for a save in flight
+        except (OSError, ValueError) as e:
+            raise CheckpointSaveError(f"finishing checkpoint {self._in_flight} under {self.manager.directory} "
+                                      f"failed: {e}") from e
 
 
 class CheckpointSaveError(RuntimeError):
     pass
-
-
-def abstract_like(state):
-    """ShapeDtypeStructs (with shardings) of a live state: the restore target for this mesh."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 class Preemption:

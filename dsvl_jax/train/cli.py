@@ -21,19 +21,25 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", os.environ.get("DSVL_DISTRIBUTED
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (only off TPU).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Process count (only off TPU).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (only off TPU).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds without a heartbeat after which a process "
+                                  "counts as dead and every other process aborts (no hang on a lost host).")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds to wait for all processes to join.")
 
 
 def main(argv):
     del argv
     import jax
     if _DISTRIBUTED.value:
-        kw = {}
+        kw = dict(heartbeat_timeout_seconds=_HEARTBEAT.value, initialization_timeout=_INIT_TIMEOUT.value)
         if _COORDINATOR.value:
-            kw = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+            kw.update(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                       process_id=_PROCESS_ID.value)
         jax.distributed.initialize(**kw)
+        print(f"dsvl-train: process {jax.process_index()} of {jax.process_count()}, "
+              f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from dsvl_jax.train.trainer import train
+    from dsvl_jax.train.checkpointing import CheckpointSaveError
+    from dsvl_jax.train.trainer import TrainingDiverged, train
     from dsvl_jax.train.validate import ConfigError
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
@@ -42,6 +48,9 @@ def main(argv):
     except ConfigError as e:
         print(f"dsvl-train: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingDiverged, CheckpointSaveError) as e:  # expected failures: one clear line, no traceback
+        print(f"dsvl-train: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
     print({k: v for k, v in summary.items() if not isinstance(v, dict)})
 
 

@@ -34,6 +34,10 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
         tokenizer="",  # tokenizer.json or sentencepiece .model
         sources=[],  # [{name, paths | tfds_dir, weight, modality: text | multimodal}]
         eval_sources=[],
+        # The same as JSON strings, for the command line (ml_collections cannot parse a list of dicts there):
+        # --config.data.sources_json='[{"name": "mm", "paths": "data/mm-*.array_record"}]'. Non-empty wins.
+        sources_json="",
+        eval_sources_json="",
         pack=False,
         mm_warmup_steps=0,
         modality_grouping=False,
@@ -42,6 +46,8 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
         long_examples="split",
         tasks=(),  # task tags beyond the pipeline's defaults
         workers=0,
+        shard_count=0,  # disjoint data shards, a multiple of the process count (0 = one per process); fixing
+                        # it makes the batches independent of how many hosts read them
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
     c.log_every = 10
@@ -51,7 +57,10 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
     c.num_samples = 2
     c.max_bad_steps = 8  # stop after this many non-finite steps in a row
     c.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
-    c.debug = ml_collections.ConfigDict(dict(inject_nan_steps=(), log_records=False, stop_after=0))
+    # fault injection for the reliability tests: NaN in loss + gradients, Inf in the loss only, or one Inf
+    # element in one gradient leaf, at the given 0-based steps
+    c.debug = ml_collections.ConfigDict(dict(inject_nan_steps=(), inject_inf_loss_steps=(),
+                                             inject_inf_grad_steps=(), log_records=False, stop_after=0))
     return c
 
 

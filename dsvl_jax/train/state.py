@@ -64,6 +64,19 @@ def make_state(params, tx, mask, mesh, cfg: VLMConfig):
     return {"step": zero(), "params": params, "opt_state": opt_state, "bad_steps": zero(), "skipped": zero()}
 
 
+def abstract_state(cfg: VLMConfig, mesh, tx, mask):
+    """The state as ShapeDtypeStructs carrying this mesh's shardings: the restore target on resume, so a
+    resumed run never spends time (or memory) initialising params it will overwrite."""
+    p_shard, abstract = param_shardings(cfg, mesh)
+    with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    params = jax.tree.map(with_sharding, abstract, p_shard)
+    opt_abs = jax.eval_shape(tx.init, split_params(abstract, mask)[0])
+    opt = jax.tree.map(with_sharding, opt_abs,
+                       opt_state_shardings(opt_abs, traverse_util.flatten_dict(p_shard, sep="/"), mesh))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
+    return {"step": scalar, "params": params, "opt_state": opt, "bad_steps": scalar, "skipped": scalar}
+
+
 def state_shardings(state, mesh):
     """The NamedSharding tree of a state (for restoring onto this mesh)."""
     return jax.tree.map(lambda x: x.sharding, state)

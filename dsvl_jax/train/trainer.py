@@ -27,10 +27,10 @@ from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.processing.tokenizer import Tokenizer
 from dsvl_jax.train import flops as flops_lib
 from dsvl_jax.train import stages, validate
-from dsvl_jax.train.checkpointing import Checkpointer, Preemption, abstract_like
+from dsvl_jax.train.checkpointing import Checkpointer, Preemption
 from dsvl_jax.train.metrics import MetricWriter
 from dsvl_jax.train.optimizer import make_optimizer
-from dsvl_jax.train.state import cast_like, init_params, make_state, param_shardings, reinit
+from dsvl_jax.train.state import abstract_state, cast_like, init_params, make_state, param_shardings, reinit
 from dsvl_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class TrainingDiverged(RuntimeError):
 def data_config(config, sources_key: str = "sources", *, num_epochs=None) -> data_loader.DataConfig:
     d = config.data
     srcs = []
-    for i, s in enumerate(d[sources_key]):
+    for i, s in enumerate(validate.sources(config, sources_key)):
         s = dict(s)
         try:
             srcs.append(SourceConfig(**s))
@@ -54,7 +54,7 @@ def data_config(config, sources_key: str = "sources", *, num_epochs=None) -> dat
         pack=d.pack, max_examples_per_row=d.max_examples_per_row, max_images_per_row=d.max_images_per_row,
         long_examples=d.long_examples, tasks=data_loader.DEFAULT_TASKS + tuple(t for t in d.tasks
                                                                            if t not in data_loader.DEFAULT_TASKS),
-        num_epochs=num_epochs)
+        num_epochs=num_epochs, shard_count=d.shard_count)
 
 
 def _device_batch(batch, mesh, text_only):
@@ -113,8 +113,10 @@ def _copy_tokenizer(path: str, workdir: str):
     names = [os.path.basename(path)] + [n for n in ("tokenizer_config.json", "special_tokens_map.json")
                                         if os.path.exists(os.path.join(folder, n))]
     for n in names:
-        if not os.path.exists(os.path.join(workdir, n)):
-            shutil.copy2(os.path.join(folder, n), os.path.join(workdir, n))
+        dst = os.path.join(workdir, n)
+        if not os.path.exists(dst):  # copy, then rename: a run killed mid-copy never leaves half a file here
+            shutil.copy2(os.path.join(folder, n), dst + ".tmp")
+            os.replace(dst + ".tmp", dst)
 
 
 def train(config, workdir: str) -> dict:
@@ -130,8 +132,9 @@ def train(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         orbax_io.write_model_config(workdir, mcfg)
         _copy_tokenizer(config.data.tokenizer, workdir)
-        with open(os.path.join(workdir, "train_config.json"), "w") as f:
+        with open(os.path.join(workdir, "train_config.json.tmp"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(os.path.join(workdir, "train_config.json.tmp"), os.path.join(workdir, "train_config.json"))
 
     it = data_loader.make_train_iterator(data_config(config), mcfg, tokenizer, batch_size=config.batch_size,
                                          seq_len=config.seq_len, seed=config.seed, worker_count=config.data.workers)
@@ -146,18 +149,19 @@ def train(config, workdir: str) -> dict:
     module = DeepseekVL(mcfg)
     writer = MetricWriter(workdir, config.total_steps)
     latest = ckpt.latest_step()
-    params = init_params(mcfg, mesh, config.seed) if latest is not None else initial_params(config, mcfg, mesh)
-    state = make_state(params, tx, mask, mesh, mcfg)
-    del params
     if latest is not None:
-        state = ckpt.restore(latest, abstract_like(state), it)
+        state = ckpt.restore(latest, abstract_state(mcfg, mesh, tx, mask), it)
         writer.log(f"resumed from {workdir} at step {latest}")
+    else:
+        state = make_state(initial_params(config, mcfg, mesh), tx, mask, mesh, mcfg)
     start = int(state["step"])
     writer.log(f"{n_train:,} of {n_total:,} params trained (stage {config.stage}); mesh {dict(mesh.shape)}; "
                f"{num_tasks} task tags; steps {start}→{config.total_steps}")
 
     kw = dict(num_tasks=num_tasks, grad_accum=config.grad_accum, loss_chunk=config.loss_chunk,
-              inject_nan_steps=tuple(config.debug.inject_nan_steps))
+              inject_nan_steps=tuple(config.debug.inject_nan_steps),
+              inject_inf_loss_steps=tuple(config.debug.inject_inf_loss_steps),
+              inject_inf_grad_steps=tuple(config.debug.inject_inf_grad_steps))
     steps = {t: jax.jit(make_train_step(module, tx, mask, lr_fn, text_only=t, **kw), donate_argnums=0)
              for t in (False, True)}
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops)
@@ -186,11 +190,12 @@ def train(config, workdir: str) -> dict:
                                           patterns, peak, it, state, mesh.size)
                     window, t_last = [], time.perf_counter()
                 if int(state["bad_steps"]) >= config.max_bad_steps:
+                    ckpt.wait()  # the message names a checkpoint that is finished on disk
                     raise TrainingDiverged(
                         f"{int(state['bad_steps'])} non-finite steps in a row at step {done} (limit "
                         f"config.max_bad_steps={config.max_bad_steps}); the last good checkpoint is step "
                         f"{ckpt.latest_step()} in {workdir}")
-                if config.eval_every and done % config.eval_every == 0 and config.data.eval_sources:
+                if config.eval_every and done % config.eval_every == 0 and validate.sources(config, "eval_sources"):
                     summary.update(evaluate(config, mcfg, module, state["params"], tokenizer, mesh, writer, done))
                 preempted = preempt.requested()
                 if done % config.checkpoint.every == 0 or done == config.total_steps or preempted:
@@ -200,7 +205,8 @@ def train(config, workdir: str) -> dict:
                     summary["preempted_at"] = done
                     break
                 if stop_after and done - start >= stop_after:
-                    ckpt.save(done, state, it, force=True)
+                    if ckpt.latest_step() != done:  # not saved just above (Orbax refuses a step twice)
+                        ckpt.save(done, state, it, force=True)
                     summary["stopped_at"] = done
                     break
         ckpt.wait()
@@ -223,9 +229,14 @@ def _log_window(writer, done, window, seconds, mcfg, config, patterns, peak, it,
     task_sum = sum(np.asarray(m["task_loss_sum"]) for m in ms)
     task_cnt = sum(np.asarray(m["task_count"]) for m in ms)
     images = sum(w[1] for w in window)
-    fl = sum(flops_lib.train_flops_per_step(mcfg, batch_rows=config.batch_size, seq_len=config.seq_len,
-                                            images_per_step=w[1], trainable_patterns=patterns,
-                                            text_only=w[2])["total"] for w in window)
+    # FLOPs actually computed: every image slot is encoded (padding slots too), text-only steps encode none.
+    slots = config.batch_size * config.data.max_images_per_row
+    per_step = {t: flops_lib.train_flops_per_step(
+        mcfg, batch_rows=config.batch_size, seq_len=config.seq_len, images_per_step=0 if t else slots,
+        trainable_patterns=patterns, text_only=t, loss_chunk=config.loss_chunk,
+        num_tasks=len(it.task_vocabulary)) for t in {w[2] for w in window}}
+    fl = sum(per_step[w[2]]["total"] for w in window)
+    fl_causal = sum(per_step[w[2]]["total_causal"] for w in window)
     scalars = {
         "loss": float(losses[ok].mean()) if ok.any() else float("nan"),
         "grad_norm": float(np.mean([float(m["grad_norm"]) for m, k in zip(ms, ok) if k])) if ok.any() else float("nan"),
@@ -238,6 +249,7 @@ def _log_window(writer, done, window, seconds, mcfg, config, patterns, peak, it,
     }
     if peak:
         scalars["mfu"] = flops_lib.mfu(fl / n, seconds / n, mesh_size, peak)
+        scalars["mfu_causal"] = flops_lib.mfu(fl_causal / n, seconds / n, mesh_size, peak)
     for i, name in enumerate(it.task_vocabulary):
         if task_cnt[i] > 0:
             scalars[f"loss/{name}"] = float(task_sum[i] / task_cnt[i])

@@ -1,6 +1,7 @@
 """Checks of a training config that must fail before anything compiles, with messages that name the key."""
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -22,6 +23,20 @@ def _unknown_keys(cfg, ref, prefix=""):
         elif k != "model" and hasattr(cfg[k], "keys") and hasattr(ref[k], "keys"):
             out += _unknown_keys(cfg[k], ref[k], path + ".")
     return out
+
+
+def sources(config, key: str = "sources") -> list:
+    """config.data.<key>, or its JSON twin <key>_json when that is set (the command-line form)."""
+    text = config.data.get(f"{key}_json", "")
+    if not text:
+        return [dict(s) for s in config.data[key]]
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"config.data.{key}_json is not valid JSON: {e}") from None
+    if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
+        raise ConfigError(f"config.data.{key}_json must be a JSON list of objects, got {text[:80]!r}")
+    return value
 
 
 def model_config(config) -> VLMConfig:
@@ -58,6 +73,10 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
                           f"grad_accum={config.grad_accum}")
     if jax.process_count() > 1 and config.batch_size % jax.process_count():
         raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by {jax.process_count()} processes")
+    shards = config.data.shard_count
+    if shards < 0 or (shards and (shards % jax.process_count() or config.batch_size % shards)):
+        raise ConfigError(f"config.data.shard_count={shards}: must be 0 (one per process) or a multiple of the "
+                          f"{jax.process_count()} processes that divides config.batch_size={config.batch_size}")
     if config.stage not in (1, 2, 3) and not config.trainable:
         raise ConfigError(f"config.stage={config.stage}: expected 1, 2 or 3, or an explicit config.trainable")
     from dsvl_jax.train.stages import GROUPS, UNUSED, patterns_for
@@ -90,8 +109,9 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
         if path and not path.startswith("gs://") and not os.path.exists(path):
             raise ConfigError(f"config.init.{key}={path!r} does not exist")
     d = config.data
-    if not d.sources:
+    if not sources(config, "sources"):
         raise ConfigError("config.data.sources is empty: give at least one {name, paths|tfds_dir, weight, modality}")
+    sources(config, "eval_sources")
     if not d.tokenizer:
         raise ConfigError("config.data.tokenizer is empty: give a tokenizer.json or a sentencepiece .model")
     if not d.tokenizer.startswith("gs://") and not os.path.exists(d.tokenizer):
