@@ -1,0 +1,1 @@
+"""Cloud TPU launch scripts and the loopback multi-process runner (see tpu/README.md)."""
