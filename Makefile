@@ -21,6 +21,12 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The demo: a tiny hybrid DeepSeek-VL learns the embedded task suite on this CPU (see README, "The demo").
+# Flags: make demo DEMO_ARGS="--steps 2000 --token-merge both" (python -m dsvl_jax.demo --help lists them).
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(BIN)/python -m dsvl_jax.demo $(DEMO_ARGS)
+
 # Tests marked heavy (real-width models, long soaks); not part of `make test`.
 test-heavy: $(STAMP)
 	$(BIN)/python -m pytest -q -m heavy tests

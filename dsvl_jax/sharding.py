@@ -81,7 +81,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         axes = None if name is None else _mesh_axes_for(name, rules)
         if axes is not None:
             axes = (axes,) if isinstance(axes, str) else tuple(axes)
-            axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+            axes = tuple(a for a in axes if a not in used and mesh.shape.get(a, 1) > 1)
             if not axes or dim % math.prod(mesh.shape[a] for a in axes):
                 axes = None
         if axes:

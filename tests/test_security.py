@@ -193,7 +193,7 @@ def _load_everything(a, workdir: str):
     from dsvl_jax.data.mixture import SourceConfig
     from dsvl_jax.data.transforms import ExampleMaker
     from dsvl_jax.processing.tokenizer import Tokenizer
-    from dsvl_jax.train.checkpointing import Checkpointer, abstract_like
+    from dsvl_jax.train.checkpointing import Checkpointer
     tok = Tokenizer.from_file(os.path.join(a["root"], "tok", "tokenizer.json"))
     load_pretrained(str(a["root"] / "hf"))
     load_orbax_params(str(a["root"] / "orbax"))
@@ -210,7 +210,8 @@ def _load_everything(a, workdir: str):
         ckpt.save(2, state, it, force=True)
         ckpt.wait()
     fresh = make()
-    restored = ckpt.restore(2, abstract_like(state), fresh)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored = ckpt.restore(2, abstract, fresh)
     ckpt.close()
     assert np.array_equal(np.asarray(restored["params"]["w"]), np.arange(6.0))
     np.testing.assert_array_equal(next(fresh)["record_index"], next(it)["record_index"])

@@ -53,7 +53,8 @@ def _per_shard(kernel, q, k, v, rel_pos_h, rel_pos_w):
     """Mosaic kernels cannot be partitioned by XLA: under a mesh, run one kernel per shard of the images
     (batch over data×fsdp) and heads (over tensor), with the small tables replicated."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh.size == 1:
+    # Already per-shard (inside a caller's shard_map) or no mesh: nothing to split.
+    if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
         return kernel(q, k, v, rel_pos_h, rel_pos_w)
     from jax.sharding import PartitionSpec as P
 
