@@ -1,0 +1,66 @@
+"""Flags of `python -m dsvl_jax.demo` (what `make demo` runs)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from dsvl_jax import tasks
+from dsvl_jax.demo.run import Settings, parse_steps, run
+
+# ~1-2 minutes: every step of the demo on a few records with a shallower model (compiling dominates).
+QUICK = dict(steps=(2, 2, 4), n_train=48, n_text=24, n_eval=12, batch=8, eval_batch=12, layers=(2, 1, 1))
+
+
+def parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m dsvl_jax.demo", description=__doc__.splitlines()[0] + " "
+                                + "Train a tiny hybrid DeepSeek-VL on the embedded task suite and score it.")
+    p.add_argument("--workdir", default=d.workdir, help="where data, checkpoints, logs and the export go "
+                   "(an earlier run there is replaced)")
+    p.add_argument("--steps", default=",".join(map(str, d.steps)),
+                   help="training steps: a total (split 1:1:6 over stages 1, 2, 3) or 'a,b,c' per stage")
+    p.add_argument("--families", default=",".join(d.families),
+                   help=f"comma-separated task families, from {','.join(tasks.FAMILIES)}")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--image-size", type=int, default=d.image_size, help="SAM input size in pixels (≥ 96 is "
+                   "legible); SigLIP sees half of it")
+    p.add_argument("--token-merge", choices=("1", "2", "both"), default="1",
+                   help="2: average visual tokens 2x2 before the LM (4x fewer); both: train and compare both")
+    p.add_argument("--difficulty", choices=sorted(tasks.DIFFICULTIES), default=d.difficulty)
+    p.add_argument("--train-size", type=int, default=d.n_train, help="train requests written")
+    p.add_argument("--eval-size", type=int, default=d.n_eval, help="held-out requests scored")
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--freeze-sam", action="store_true", help="keep SAM frozen in stage 3, as the paper")
+    p.add_argument("--eval-every", type=int, default=0, help="also score the held-out split every N stage-3 "
+                   "steps: the accuracy-versus-time curve")
+    p.add_argument("--no-transformers", action="store_true", help="skip the export + transformers answer")
+    p.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run of every step (tiny data)")
+    return p
+
+
+def settings_from_args(argv=None) -> Settings:
+    a = parser().parse_args(argv)
+    families = tuple(f.strip() for f in a.families.split(",") if f.strip())
+    unknown = [f for f in families if f not in tasks.FAMILIES]
+    if unknown or not families:
+        raise SystemExit(f"--families: unknown {unknown or '(none given)'}; known: {','.join(tasks.FAMILIES)}")
+    merges = (1, 2) if a.token_merge == "both" else (int(a.token_merge),)
+    try:
+        steps = parse_steps(a.steps)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    s = Settings(workdir=a.workdir, steps=steps, families=families, seed=a.seed, image_size=a.image_size,
+                 token_merge=merges, difficulty=a.difficulty, n_train=a.train_size, n_text=max(1, a.train_size // 4),
+                 n_eval=a.eval_size, batch=a.batch, lr=a.lr, train_sam=not a.freeze_sam,
+                 check_transformers=not a.no_transformers, eval_every=max(0, a.eval_every))
+    if a.quick:
+        s = dataclasses.replace(s, **QUICK)
+    return s
+
+
+def main(argv=None) -> int:
+    s = settings_from_args(argv)
+    summary = run(s)
+    hf = summary.get("transformers", {})
+    return 1 if hf and "skipped" not in hf and not hf.get("same_answer") else 0

@@ -1,0 +1,86 @@
+"""Exact-match accuracy per task family: greedy KV-cache generation (`VLM.generate`) on a held-out split."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from typing import Sequence
+
+import numpy as np
+
+from dsvl_jax import tasks
+from dsvl_jax.processing.processor import Processor
+from dsvl_jax.vlm import VLM
+
+
+def prompt(example: tasks.Example) -> list[dict]:
+    """The request with an empty assistant turn: what the model is asked to complete."""
+    return [{"role": "User", "content": f"{tasks.IMAGE_PLACEHOLDER}{example.question}", "images": [example.image]},
+            {"role": "Assistant", "content": ""}]
+
+
+@dataclasses.dataclass
+class Scores:
+    per_family: dict  # family -> accuracy in [0, 1]
+    counts: dict  # family -> number of examples
+    predictions: list  # (example id, family, prediction, answer, correct)
+    seconds: float
+
+    @property
+    def mean(self) -> float:
+        """Mean over families (each family weighs the same, as the issue's target reads)."""
+        return float(np.mean(list(self.per_family.values()))) if self.per_family else float("nan")
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "per_family": self.per_family, "counts": self.counts, "seconds": self.seconds}
+
+
+def answer(vlm: VLM, processor: Processor, examples: Sequence[tasks.Example], *, max_new_tokens: int = 6,
+           batch_size: int = 32) -> list[str]:
+    """Greedy answers, in batches of a fixed size (the last one padded with repeats: one compiled program)."""
+    tok = processor.tokenizer
+    out: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = list(examples[start:start + batch_size])
+        real = len(chunk)
+        chunk += [chunk[-1]] * (batch_size - real)
+        batch = processor([prompt(e) for e in chunk])
+        new = vlm.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"], high_res_pixel_values=batch.get("high_res_pixel_values"),
+                           max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
+        for row in np.asarray(new)[:real]:
+            ids = row.tolist()
+            if tok.eos_id in ids:
+                ids = ids[:ids.index(tok.eos_id)]
+            out.append(tok.decode(ids).strip())
+    return out
+
+
+def score(vlm: VLM, processor: Processor, examples: Sequence[tasks.Example], **kw) -> Scores:
+    t0 = time.perf_counter()
+    preds = answer(vlm, processor, examples, **kw)
+    hits, counts = defaultdict(int), defaultdict(int)
+    rows = []
+    for e, p in zip(examples, preds):
+        ok = tasks.exact_match(p, e.answer)
+        hits[e.task] += ok
+        counts[e.task] += 1
+        rows.append((e.id, e.task, p, e.answer, ok))
+    families = [f for f in tasks.FAMILIES if f in counts]
+    return Scores({f: hits[f] / counts[f] for f in families}, {f: counts[f] for f in families}, rows,
+                  time.perf_counter() - t0)
+
+
+def table(columns: dict[str, Scores]) -> str:
+    """A text table: one row per family, one column per named score set, then the mean over families."""
+    names = list(columns)
+    families = [f for f in tasks.FAMILIES if any(f in s.per_family for s in columns.values())]
+    width = max(10, *(len(n) + 2 for n in names))
+    lines = ["family".ljust(10) + "".join(n.rjust(width) for n in names)]
+    lines.append("-" * len(lines[0]))
+    for f in families:
+        cells = [f"{100 * columns[n].per_family[f]:.1f}%" if f in columns[n].per_family else "-" for n in names]
+        lines.append(f.ljust(10) + "".join(c.rjust(width) for c in cells))
+    lines.append("-" * len(lines[0]))
+    lines.append("mean".ljust(10) + "".join(f"{100 * columns[n].mean:.1f}%".rjust(width) for n in names))
+    return "\n".join(lines)

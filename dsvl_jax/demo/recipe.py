@@ -1,0 +1,95 @@
+"""The demo's model and its three training stages (ml_collections configs for `dsvl_jax.train.trainer.train`).
+
+The model is a hybrid DeepSeek-VL (SAM-B-style high-res tower + SigLIP-style low-res tower → hybrid split
+MLP adaptor → DeepSeek-LLM decoder), every part shrunk so that it learns the task suite on a CPU in minutes.
+The SigLIP view is half the SAM resolution, as in the 7B (1024 / 384); both towers end on the same token
+grid (the SAM branch's resize + two stride-2 convs make its map equal the SigLIP grid).
+
+Stages (paper §3.2, scaled down; the demo starts from random weights where the paper starts from pretrained
+towers and LLM):
+1. adaptor warm-up on image–caption pairs;
+2. joint pretraining, LLM + adaptor, text-only paragraphs mixed in with captions and task requests;
+3. SFT on the task requests, LLM + adaptor + SigLIP — and, because nothing here is pretrained, SAM too
+   (`train_sam`): a frozen random SAM caps what the model can read (the paper keeps its pretrained SAM frozen).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from dsvl_jax.config import SamConfig, SiglipConfig, TextConfig, VLMConfig
+from dsvl_jax.train.config_base import base
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    image_size: int = 96  # SAM input (the image the processor delivers); SigLIP sees image_size // 2
+    patch_size: int = 8
+    sam_width: int = 64
+    sam_layers: int = 4
+    siglip_width: int = 64
+    siglip_layers: int = 2
+    lm_width: int = 128
+    lm_layers: int = 3
+    lm_heads: int = 4
+    context: int = 256
+
+
+def demo_model(vocab_size: int, image_token_id: int, token_merge: int = 1, size: ModelSize = ModelSize()
+               ) -> VLMConfig:
+    s = size
+    low = s.image_size // 2
+    if s.image_size % (2 * s.patch_size) or (low // s.patch_size) % 2:
+        raise ValueError(f"image_size={s.image_size} must be a multiple of 4 × patch_size={s.patch_size} "
+                         "(an even SigLIP grid at half resolution)")
+    sam_grid = s.image_size // s.patch_size
+    return VLMConfig(
+        text=TextConfig(vocab_size=vocab_size, hidden_size=s.lm_width, intermediate_size=2 * s.lm_width,
+                        num_hidden_layers=s.lm_layers, num_attention_heads=s.lm_heads,
+                        num_key_value_heads=s.lm_heads, head_dim=s.lm_width // s.lm_heads,
+                        max_position_embeddings=s.context),
+        siglip=SiglipConfig(hidden_size=s.siglip_width, intermediate_size=2 * s.siglip_width,
+                            num_hidden_layers=s.siglip_layers, num_attention_heads=max(1, s.siglip_width // 32),
+                            image_size=low, patch_size=s.patch_size),
+        sam=SamConfig(hidden_size=s.sam_width, mlp_dim=2 * s.sam_width, num_hidden_layers=s.sam_layers,
+                      num_attention_heads=max(1, s.sam_width // 32), image_size=s.image_size,
+                      patch_size=s.patch_size, window_size=max(2, sam_grid // 2),
+                      global_attn_indexes=tuple(range(1, s.sam_layers, 2)), output_channels=s.lm_width // 4),
+        adapter="low_high_hybrid_split_mlp_gelu",
+        image_token_id=image_token_id,
+        token_merge=token_merge,
+    )
+
+
+STAGE_GROUPS = {1: ("adaptor",), 2: ("adaptor", "llm"), 3: ("adaptor", "llm", "siglip")}
+
+
+def stage_config(stage: int, model: VLMConfig, *, tokenizer: str, sources: list[dict], tasks: tuple[str, ...],
+                 steps: int, batch: int, seq_len: int, lr: float, seed: int, init_from: str = "",
+                 train_sam: bool = False, warmup: int = 0, pack: bool = False, mm_warmup: int = 0,
+                 images_per_row: int = 1) -> ml_collections.ConfigDict:
+    c = base(model)
+    c.stage = stage
+    groups = STAGE_GROUPS[stage] + (("sam",) if train_sam and stage == 3 else ())
+    c.trainable = groups
+    c.init.from_checkpoint = init_from
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.devices = 1, 1, 1, 1
+    c.batch_size, c.seq_len, c.total_steps = batch, seq_len, steps
+    c.seed = seed
+    c.loss_chunk = seq_len
+    c.optimizer.lr = lr
+    c.optimizer.schedule = "cosine"
+    c.optimizer.warmup_steps = warmup or max(1, steps // 20)
+    c.optimizer.end_factor = 0.05
+    c.data.tokenizer = tokenizer
+    c.data.sources = sources
+    c.data.tasks = tuple(tasks)
+    c.data.pack = pack
+    c.data.mm_warmup_steps = mm_warmup
+    c.data.max_images_per_row = images_per_row
+    c.checkpoint.every = steps
+    c.checkpoint.keep = 1
+    c.checkpoint.async_save = False
+    c.log_every = max(1, min(25, steps // 8))
+    return c

@@ -1,0 +1,276 @@
+"""The demo, step by step: corpus → tokenizer → before-table → stages 1, 2, 3 → after-table → export →
+transformers answers one held-out question from the export. Returns (and writes) a JSON summary.
+
+Each step prints what it did and how long it took; the trainer draws a progress bar per stage and writes
+`metrics.jsonl` and TensorBoard events into the stage's folder under the workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Callable, Sequence
+
+from dsvl_jax import tasks
+from dsvl_jax.demo.recipe import ModelSize
+
+CACHE = "jax_cache"  # XLA's persistent compilation cache, inside the workdir
+STAGE_NAMES = {1: "stage 1 (adaptor warm-up)", 2: "stage 2 (joint pretraining)", 3: "stage 3 (SFT)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    workdir: str = "workdir/demo"
+    steps: tuple[int, int, int] = (150, 150, 900)  # per stage
+    families: tuple[str, ...] = tasks.FAMILIES
+    seed: int = 0
+    image_size: int = 96
+    token_merge: tuple[int, ...] = (1,)
+    difficulty: str = "standard"
+    n_train: int = 6000  # train requests (each also gives one caption record)
+    n_text: int = 1500  # text-only paragraphs (stage 2)
+    n_eval: int = 300  # held-out requests scored before and after
+    batch: int = 16  # rows of seq_len tokens, each packed with several requests
+    seq_len: int = 0  # 0: room for images_per_row requests, or one long transcription (`_seq_len`)
+    images_per_row: int = 3
+    lr: float = 2e-3
+    text_share: float = 0.3  # text-only rows in stage 2
+    read_share: float = 0.5  # transcription requests among stage 3's
+    train_sam: bool = True
+    vocab_size: int = 1024
+    max_new_tokens: int = 6
+    eval_batch: int = 50
+    check_transformers: bool = True
+    eval_every: int = 0  # > 0: score the held-out split every this many stage-3 steps (the learning curve)
+    fresh: bool = True  # remove an earlier run's folders first (stages would otherwise resume)
+    layers: tuple[int, int, int] | None = None  # (SAM, SigLIP, LM) blocks; None = `ModelSize`'s
+
+
+class Clock:
+    """Wall and process-CPU seconds per named phase."""
+
+    def __init__(self):
+        self.phases: dict[str, dict] = {}
+        self.start = time.perf_counter()
+
+    def run(self, name: str, fn: Callable, *args, **kw):
+        t, c = time.perf_counter(), time.process_time()
+        out = fn(*args, **kw)
+        self.phases[name] = {"wall_s": time.perf_counter() - t, "cpu_s": time.process_time() - c}
+        return out
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def machine() -> dict:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {"cpus": os.cpu_count(), "load_average": [round(x, 2) for x in load], "platform": platform.platform()}
+
+
+def _say(msg: str = ""):
+    print(msg, flush=True)
+
+
+def run(s: Settings) -> dict:
+    import jax
+
+    from dsvl_jax.convert.orbax_io import load_orbax_params
+    from dsvl_jax.demo import data, evaluate, hf_check, recipe
+    from dsvl_jax.processing.processor import Processor
+    from dsvl_jax.processing.tokenizer import Tokenizer
+    from dsvl_jax.train.trainer import train
+    from dsvl_jax.vlm import VLM
+
+    clock = Clock()
+    workdir = os.path.abspath(s.workdir)
+    if s.fresh and os.path.isdir(workdir):
+        for name in os.listdir(workdir):  # the compile cache survives: a second run skips XLA compiles
+            if name != CACHE:
+                path = os.path.join(workdir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(workdir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, CACHE))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    m = machine()
+    _say(f"dsvl_jax demo: {len(s.families)} task families, {s.image_size}px images, difficulty {s.difficulty}, "
+         f"seed {s.seed}; workdir {workdir}")
+    _say(f"machine: {m['cpus']} CPUs, load average {m['load_average']} (other work slows every figure below)")
+
+    # 1. The corpus, through the real data pipeline.
+    from tqdm import tqdm
+    with tqdm(total=s.n_train, desc="writing the task suite", unit="req", dynamic_ncols=True) as bar:
+        corpus = clock.run("corpus", data.write_corpus, os.path.join(workdir, "data"), n_train=s.n_train,
+                           n_text=s.n_text, families=s.families, image_size=s.image_size, seed=s.seed,
+                           difficulty=s.difficulty, vocab_size=s.vocab_size, progress=bar.update)
+    heldout = clock.run("heldout", tasks.make_split, "heldout", s.n_eval, s.families, s.image_size, s.seed,
+                        s.difficulty)
+    tok = Tokenizer.from_file(corpus.tokenizer)
+    _say(f"corpus: {corpus.counts} records as ArrayRecord shards under {corpus.root}; BPE tokenizer of "
+         f"{tok.vocab_size} ids; {len(heldout)} held-out requests "
+         f"({clock.phases['corpus']['wall_s'] + clock.phases['heldout']['wall_s']:.0f}s)")
+
+    summary = {"settings": dataclasses.asdict(s), "machine": m, "corpus": corpus.counts, "runs": {}}
+    final = {}
+    for merge in s.token_merge:
+        model = recipe.demo_model(tok.vocab_size, tok.image_token_id, merge, _size(s))
+        processor = Processor(tok, model, system_prompt=data.SYSTEM_PROMPT)
+        tag = f"merge{merge}"
+        _say(f"\n=== token_merge={merge}: {model.num_image_tokens} visual tokens per image "
+             f"({'2x2-merged' if merge == 2 else 'unmerged'}) ===")
+        run_dir = os.path.join(workdir, tag)
+        os.makedirs(run_dir, exist_ok=True)
+        before_vlm = VLM(model, _fresh_params(model, s.seed))
+        before = clock.run(f"{tag}/eval_before", evaluate.score, before_vlm, processor, heldout,
+                           max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch)
+        _say(evaluate.table({"before": before}))
+
+        prev, stage_times, curve = "", {}, []
+        for stage, steps in zip((1, 2, 3), s.steps):
+            if steps <= 0:
+                continue
+            cfg = recipe.stage_config(
+                stage, model, tokenizer=corpus.tokenizer, sources=_sources(stage, corpus, s.text_share, s.read_share),
+                tasks=s.families, steps=steps, batch=s.batch, seq_len=_seq_len(s, model), lr=s.lr, seed=s.seed,
+                init_from=prev, train_sam=s.train_sam, pack=True, images_per_row=s.images_per_row)
+            wd = os.path.join(run_dir, f"stage{stage}")
+            _say(f"\n{STAGE_NAMES[stage]}: {steps} steps of {s.batch} rows x {cfg.seq_len} tokens, trains "
+                 f"{', '.join(cfg.trainable)}"
+                 + (" (SAM too: nothing here is pretrained; see dsvl_jax/demo/recipe.py)" if "sam" in cfg.trainable
+                    else ""))
+            chunk = s.eval_every if stage == 3 and s.eval_every else 0
+            name = f"{tag}/stage{stage}"
+            out, walls, cpus = {}, 0.0, 0.0
+            while int(out.get("step", 0)) < steps:
+                cfg.debug.stop_after = chunk  # 0: to the end; else stop, score, resume (same schedule)
+                out = clock.run(name, train, cfg, wd)
+                walls, cpus = walls + clock.phases[name]["wall_s"], cpus + clock.phases[name]["cpu_s"]
+                if chunk:
+                    sc = evaluate.score(VLM(*load_orbax_params(wd)), processor, heldout,
+                                        max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch)
+                    point = {"stage3_step": int(out["step"]), "demo_wall_s": clock.total,
+                             "train_wall_s": sum(t["wall_s"] for t in stage_times.values()) + walls,
+                             "mean": sc.mean, "per_family": sc.per_family}
+                    curve.append(point)
+                    _say(f"  stage 3 step {point['stage3_step']}: mean exact match {100 * sc.mean:.1f}% after "
+                         f"{point['demo_wall_s']:.0f}s of demo")
+            clock.phases[name] = stage_times[stage] = {"wall_s": walls, "cpu_s": cpus}
+            _say(f"{STAGE_NAMES[stage]}: loss {out.get('loss', float('nan')):.3f}, {walls:.0f}s wall")
+            prev = wd
+        cfg_loaded, params = load_orbax_params(prev)
+        vlm = VLM(cfg_loaded, params)
+        after = clock.run(f"{tag}/eval_after", evaluate.score, vlm, processor, heldout,
+                          max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch)
+        _say(f"\nexact match on {len(heldout)} held-out requests (token_merge={merge}):")
+        _say(evaluate.table({"before": before, "after": after}))
+        train_wall = sum(t["wall_s"] for t in stage_times.values())
+        summary["runs"][tag] = {
+            "num_image_tokens": model.num_image_tokens, "before": before.as_dict(), "after": after.as_dict(),
+            "stage_seconds": {str(k): v for k, v in stage_times.items()}, "train_wall_s": train_wall,
+            "eval_s_per_request": after.seconds / max(1, len(heldout)), "checkpoint": os.path.join(prev, "checkpoints"),
+            "curve": curve, "examples": [p for p in after.predictions[:12]]}
+        final[merge] = (vlm, processor, after, train_wall)
+
+    if len(final) == 2:
+        _say("\nvisual-token compression (2x2 merge) on the same data and steps:")
+        _say(evaluate.table({f"merge {k} ({final[k][0].config.num_image_tokens} tok)": final[k][2] for k in final}))
+        for k, (_, _, sc, wall) in final.items():
+            _say(f"  token_merge={k}: training {wall:.0f}s wall, scoring {1000 * sc.seconds / len(heldout):.0f} ms "
+                 "per request (compile included)")
+
+    if s.check_transformers and 1 in final:
+        summary["transformers"] = _transformers_step(clock, workdir, corpus, final[1][0], final[1][1], heldout)
+    elif s.check_transformers:
+        _say("\ntransformers check skipped: the HF port has no 2x2 token merge, so it needs a token_merge=1 run")
+
+    summary["phases"] = clock.phases
+    summary["total_wall_s"] = clock.total
+    summary["total_cpu_s"] = time.process_time()
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    _say(f"\ntotal: {clock.total:.0f}s wall ({summary['total_cpu_s']:.0f}s process CPU) on {m['cpus']} CPUs; "
+         f"load average now {machine()['load_average']}; summary in {os.path.join(workdir, 'summary.json')}")
+    return summary
+
+
+def _transformers_step(clock, workdir, corpus, vlm, processor, heldout) -> dict:
+    from dsvl_jax.demo import hf_check
+
+    missing = hf_check.transformers_available()
+    if missing:
+        _say(f"\ntransformers check skipped: transformers/torch not importable ({missing}); "
+             "`pip install -e .[test]` (what `make demo` does) brings them")
+        return {"skipped": missing}
+    folder = clock.run("export", hf_check.export, vlm, os.path.dirname(corpus.tokenizer),
+                       os.path.join(workdir, "hf_export"))
+    _say(f"\nexported the token_merge=1 model to {folder}: {', '.join(hf_check.folder_files(folder))}")
+    example = heldout[0]
+    res = clock.run("transformers", hf_check.answer_with_transformers, folder, vlm, processor, example)
+    _say(f"held-out question: {res.question!r} (suite answer {res.expected!r})")
+    _say(f"  dsvl_jax (Processor + VLM.generate):                 {res.ours!r}")
+    _say(f"  transformers (AutoProcessor + generate, export only): {res.transformers!r}")
+    _say(f"  equal: {res.same_answer}; on identical inputs: token ids equal {res.same_tokens}, "
+         f"max |Δ logit| {res.max_logit_diff:.1e}")
+    return dataclasses.asdict(res) | {"same_answer": res.same_answer, "same_tokens": res.same_tokens,
+                                      "folder": folder}
+
+
+def _size(s: Settings) -> ModelSize:
+    size = ModelSize(image_size=s.image_size)
+    if s.layers is not None:
+        size = dataclasses.replace(size, sam_layers=s.layers[0], siglip_layers=s.layers[1], lm_layers=s.layers[2])
+    return size
+
+
+def _fresh_params(model, seed: int):
+    """The params stage 1 starts from (the trainer's init with the same seed), on the host."""
+    import jax
+
+    from dsvl_jax import sharding
+    from dsvl_jax.train.state import init_params
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return jax.device_get(init_params(model, mesh, seed))
+
+
+def _sources(stage: int, corpus, text_share: float, read_share: float) -> list[dict]:
+    """Stage 1: image–caption pairs. Stage 2: captions and requests with text-only paragraphs mixed in.
+    Stage 3: requests and transcription requests (SFT)."""
+    mm = lambda name, w: dict(name=name, paths=getattr(corpus, name), weight=w, modality="multimodal")  # noqa: E731
+    if stage == 1:
+        return [mm("caption", 1.0)]
+    if stage == 2:
+        rest = 1.0 - text_share
+        return [mm("caption", rest / 2), mm("qa", rest / 2),
+                dict(name="text", paths=corpus.text, weight=text_share, modality="text")]
+    return [mm("qa", 1.0 - read_share), mm("transcribe", read_share)] if read_share > 0 else [mm("qa", 1.0)]
+
+
+def _seq_len(s: Settings, model) -> int:
+    """A request is ≲ 28 text tokens beside its image; the longest transcription (a 4 x 3 table) ≲ 100."""
+    if s.seq_len:
+        return s.seq_len
+    n = model.num_image_tokens
+    return -(-max(s.images_per_row * (n + 28), n + 128) // 8) * 8
+
+
+def parse_steps(text: str | int | Sequence[int]) -> tuple[int, int, int]:
+    """"N" (a total, split 1:1:6 over the stages) or "a,b,c" (per stage)."""
+    if isinstance(text, int):
+        parts = [text]
+    elif isinstance(text, str):
+        parts = [int(p) for p in text.split(",") if p.strip()]
+    else:
+        parts = [int(p) for p in text]
+    if len(parts) == 1:
+        total = parts[0]
+        if total < 8:
+            raise ValueError(f"--steps {total}: a total needs at least 8 steps (1:1:6 over three stages)")
+        a = b = total // 8
+        return a, b, total - a - b
+    if len(parts) != 3 or any(p < 0 for p in parts) or parts[2] <= 0:
+        raise ValueError(f"--steps {text!r}: expected a total or three per-stage counts a,b,c (c > 0)")
+    return tuple(parts)

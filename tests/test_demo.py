@@ -1,0 +1,72 @@
+"""`python -m dsvl_jax.demo --quick`: every step of the demo on a few records, end to end.
+
+Checks what a user relies on: the tables print, each stage leaves an Orbax checkpoint (the last one loads),
+the export is a transformers checkpoint that answers the held-out question exactly as we do, and the
+summary holds the per-family figures. The full demo's accuracy is measured by `make demo`, not here.
+"""
+import json
+import os
+
+import pytest
+
+from dsvl_jax import tasks
+from dsvl_jax.convert.orbax_io import load_orbax_params
+from dsvl_jax.demo import cli
+from dsvl_jax.demo.captions import describe
+from dsvl_jax.demo.run import parse_steps
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_step(tmp_path, capsys):
+    workdir = str(tmp_path / "demo")
+    assert cli.main(["--quick", "--workdir", workdir, "--families", "document,chart,scene"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("family") >= 2 and "before" in out and "after" in out  # the two tables
+    for f in ("document", "chart", "scene"):
+        assert f"\n{f}" in out
+    assert "\nmap" not in out  # only the asked-for families
+
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    run = summary["runs"]["merge1"]
+    assert set(run["after"]["per_family"]) == {"document", "chart", "scene"}
+    assert all(0.0 <= v <= 1.0 for v in run["after"]["per_family"].values())
+    assert set(run["stage_seconds"]) == {"1", "2", "3"}
+    for stage in (1, 2, 3):
+        assert os.path.isdir(os.path.join(workdir, "merge1", f"stage{stage}", "checkpoints"))
+        assert os.path.isfile(os.path.join(workdir, "merge1", f"stage{stage}", "metrics.jsonl"))
+        assert os.listdir(os.path.join(workdir, "merge1", f"stage{stage}", "tensorboard"))
+    cfg, params = load_orbax_params(os.path.join(workdir, "merge1", "stage3"))
+    assert cfg.is_hybrid and cfg.token_merge == 1 and params["language_model"]
+
+    hf = summary["transformers"]
+    assert "skipped" not in hf, hf
+    assert hf["same_tokens"] and hf["same_answer"], hf
+    assert hf["max_logit_diff"] <= 1e-4, hf
+    assert os.path.isfile(os.path.join(hf["folder"], "processor_config.json"))
+    assert "transformers (AutoProcessor" in out
+
+
+def test_steps_flag():
+    assert parse_steps("800") == (100, 100, 600)
+    assert parse_steps("5,0,20") == (5, 0, 20)
+    for bad in ("4", "1,2", "1,2,0", "-1,2,3"):
+        with pytest.raises(ValueError):
+            parse_steps(bad)
+
+
+def test_bad_family_is_named():
+    with pytest.raises(SystemExit, match="nope"):
+        cli.settings_from_args(["--families", "document,nope"])
+
+
+def test_captions_name_every_drawn_string():
+    """A caption is a transcription: every string drawn in the picture (titles aside) appears in it."""
+    for family in tasks.FAMILIES:
+        for i in range(3):
+            e = tasks.generate(family, 0, i, 96)
+            words = {w.rstrip(",;.:") for w in describe(e).lower().split()}
+            skip = {"tick", "clock", "compass"}  # axis ticks, status-bar clock, compass rose
+            for t in e.meta.get("texts", []):
+                if t["role"] not in skip:
+                    for word in t["text"].lower().split():
+                        assert word.lstrip("$x") in words, (family, t, words)
