@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--freeze-sam", action="store_true", help="keep SAM frozen in stage 3, as the paper")
-    p.add_argument("--eval-every", type=int, default=0, help="also score the held-out split every N stage-3 "
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="also score the held-out split every N stage-3 "
                    "steps: the accuracy-versus-time curve")
     p.add_argument("--no-transformers", action="store_true", help="skip the export + transformers answer")
     p.add_argument("--quick", action="store_true", help="a 1-2 minute smoke run of every step (tiny data)")

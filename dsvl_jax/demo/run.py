@@ -24,14 +24,14 @@ STAGE_NAMES = {1: "stage 1 (adaptor warm-up)", 2: "stage 2 (joint pretraining)",
 @dataclasses.dataclass(frozen=True)
 class Settings:
     workdir: str = "workdir/demo"
-    steps: tuple[int, int, int] = (150, 150, 900)  # per stage
+    steps: tuple[int, int, int] = (60, 60, 1000)  # per stage: sized for ~15 min on 2 CPU cores
     families: tuple[str, ...] = tasks.FAMILIES
     seed: int = 0
     image_size: int = 96
     token_merge: tuple[int, ...] = (1,)
     difficulty: str = "standard"
-    n_train: int = 6000  # train requests (each also gives one caption record)
-    n_text: int = 1500  # text-only paragraphs (stage 2)
+    n_train: int = 3000  # train requests (each also gives one caption record)
+    n_text: int = 750  # text-only paragraphs (stage 2)
     n_eval: int = 300  # held-out requests scored before and after
     batch: int = 16  # rows of seq_len tokens, each packed with several requests
     seq_len: int = 0  # 0: room for images_per_row requests, or one long transcription (`_seq_len`)
@@ -44,7 +44,7 @@ class Settings:
     max_new_tokens: int = 6
     eval_batch: int = 50
     check_transformers: bool = True
-    eval_every: int = 0  # > 0: score the held-out split every this many stage-3 steps (the learning curve)
+    eval_every: int = 250  # > 0: score the held-out split every this many stage-3 steps (the learning curve)
     fresh: bool = True  # remove an earlier run's folders first (stages would otherwise resume)
     layers: tuple[int, int, int] | None = None  # (SAM, SigLIP, LM) blocks; None = `ModelSize`'s
 
