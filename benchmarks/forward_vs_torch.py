@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/forward_vs_torch.py [--cases small,1p3b,sam] [--repeats 3]
 
 Prints, per case, the median wall time of each side, the ratio dsvl_jax / PyTorch (targets: small ≤ 0.5,
-1.3B ≤ 0.9, SAM-B@1024 ≤ 0.5) and the JAX compile time apart. Both run in this one process, one after the
+1.3B ≤ 0.9, SAM-B@1024 ≤ 0.5), the JAX compile time apart, and a floor: the case's matmul/conv FLOPs (counted on its jaxpr, scanned layers included) at
+this CPU's measured matmul rate over PyTorch's time: the ratio of an implementation that ran every FLOP
+as fast as a large matmul runs here. Both run in this one process, one after the
 other, so the comparison shares the machine's state; absolute times on shared machines mean little.
 Peak memory: the 1.3B case holds two fp32 copies of the weights (~16 GB) for a moment.
 """
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 from dsvl_jax import config as C  # noqa: E402
 from dsvl_jax.convert.state_dict import params_from_torch  # noqa: E402
 from dsvl_jax.models.vlm import DeepseekVL  # noqa: E402
+from dsvl_jax.train.flops import traced_matmul_flops  # noqa: E402
 from tests.helpers import torch_ref as R  # noqa: E402
 
 
@@ -43,10 +46,10 @@ def _torch_model(cfg, seed=0):
     """HF model with random weights, built quickly (skipping HF's init, which is not the point here)."""
     from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
     klass = DeepseekVLHybridForConditionalGeneration if cfg.is_hybrid else DeepseekVLForConditionalGeneration
+    from transformers.initialization import no_init_weights
     torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = klass(R.hf_config(cfg))
-    model = model.to_empty(device="cpu").eval()
+    with no_init_weights():  # real buffers (position ids, RoPE frequencies), parameters left to fill below
+        model = klass(R.hf_config(cfg)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -77,7 +80,7 @@ def case_full_model(name, cfg, text_tokens, repeats):
     t_compile = time.perf_counter() - t0
     compiled(*args).block_until_ready()
     t_jax = _median_time(lambda: compiled(*args).block_until_ready(), repeats)
-    return name, t_torch, t_jax, t_compile
+    return name, t_torch, t_jax, t_compile, traced_matmul_flops(fwd, *args)
 
 
 def case_sam(repeats):
@@ -99,7 +102,20 @@ def case_sam(repeats):
     t_compile = time.perf_counter() - t0
     compiled(*args).block_until_ready()
     t_jax = _median_time(lambda: compiled(*args).block_until_ready(), repeats)
-    return f"SAM-B @1024 alone (global attention: {cfg.sam_attention_impl})", t_torch, t_jax, t_compile
+    return (f"SAM-B @1024 alone (global attention: {cfg.sam_attention_impl})", t_torch, t_jax, t_compile,
+            traced_matmul_flops(fwd, *args))
+
+
+def matmul_rate(n: int = 4096, d: int = 768, f: int = 3072, repeats: int = 5) -> float:
+    """This CPU's best fp32 matmul rate (FLOP/s) over XLA and PyTorch, on a ViT-B-sized MLP matmul: the
+    yardstick for the floor below. Both libraries land within ~10 % of each other here."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((n, d), np.float32), rng.standard_normal((d, f), np.float32)
+    mm = jax.jit(jnp.matmul).lower(x, w).compile()
+    t_jax = _median_time(lambda: mm(x, w).block_until_ready(), repeats)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+    t_torch = _median_time(lambda: tx @ tw, repeats)
+    return 2 * n * d * f / min(t_jax, t_torch)
 
 
 TARGETS = {"small": 0.5, "1p3b": 0.9, "sam": 0.5}
@@ -113,7 +129,11 @@ def main():
     torch.set_num_threads(os.cpu_count())
     print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"{os.cpu_count()} CPU threads, fp32")
-    print(f"{'case':52s} {'torch s':>9s} {'jax s':>9s} {'ratio':>7s} {'target':>7s} {'compile s':>10s}")
+    rate = matmul_rate()
+    print(f"# matmul rate of this CPU (best of XLA / PyTorch): {rate / 1e9:.0f} GFLOP/s. 'floor' = the case's matmul"
+          " FLOPs at that rate over PyTorch's time: the ratio if every FLOP ran at matmul speed")
+    print(f"{'case':52s} {'torch s':>9s} {'jax s':>9s} {'ratio':>7s} {'target':>7s} {'compile s':>10s} "
+          f"{'GFLOP':>7s} {'floor':>6s}")
     for case in args.cases.split(","):
         if case == "small":
             row = case_full_model("small (tiny hybrid, 1 image + 64 text tokens)", C.tiny(), 64, args.repeats * 5)
@@ -123,8 +143,9 @@ def main():
             row = case_sam(args.repeats)
         else:
             raise SystemExit(f"unknown case {case!r}")
-        name, tt, tj, tc = row
-        print(f"{name:52s} {tt:9.3f} {tj:9.3f} {tj / tt:7.2f} {'≤' + str(TARGETS[case]):>7s} {tc:10.1f}", flush=True)
+        name, tt, tj, tc, flops = row
+        print(f"{name:52s} {tt:9.3f} {tj:9.3f} {tj / tt:7.2f} {'≤' + str(TARGETS[case]):>7s} {tc:10.1f} "
+              f"{flops / 1e9:7.0f} {flops / rate / tt:6.2f}", flush=True)
         gc.collect()
 
 
