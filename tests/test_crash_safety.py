@@ -26,10 +26,9 @@ import sys
 import time
 
 import jax
-import numpy as np
 import pytest
 
-from tests.helpers.train_fixtures import make_corpus
+from tests.helpers.train_fixtures import checkpoint_state, make_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOTAL_STEPS = 16
@@ -186,19 +185,6 @@ def _resumed_at(log_text: str) -> list[int]:
     return [int(line.rsplit(" ", 1)[1]) for line in log_text.splitlines() if "resumed from" in line]
 
 
-def _state(workdir: str, step: int) -> dict:
-    """The whole `state` item of a checkpoint (params, optimizer state, counters) as flat numpy arrays."""
-    import orbax.checkpoint as ocp
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    ckpt = ocp.PyTreeCheckpointer()
-    meta = ckpt.metadata(path)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    out = ckpt.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-    leaves = jax.tree_util.tree_flatten_with_path(out)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp): np.asarray(v) for kp, v in leaves}
-
-
 def _data_state(workdir: str, step: int) -> dict:
     folder = os.path.join(workdir, "checkpoints", str(step), "data")
     (name,) = [n for n in os.listdir(folder) if n.startswith("process_")]
@@ -245,7 +231,7 @@ def test_kill_anywhere_and_resume_is_exact(setup):
     assert _checkpoints(wd)[0][-1] == TOTAL_STEPS
 
     # the final state and the data iterator's state: bit-identical to the uninterrupted run
-    a, b = _state(ref_dir, TOTAL_STEPS), _state(wd, TOTAL_STEPS)
+    a, b = checkpoint_state(ref_dir, TOTAL_STEPS), checkpoint_state(wd, TOTAL_STEPS)
     assert a.keys() == b.keys()
     differ = [k for k in a if a[k].dtype != b[k].dtype or a[k].tobytes() != b[k].tobytes()]
     assert not differ, differ[:5]

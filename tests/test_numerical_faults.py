@@ -12,14 +12,13 @@ import json
 import os
 import re
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train.trainer import TrainingDiverged, train
-from tests.helpers.train_fixtures import make_corpus, tiny_config
+from tests.helpers.train_fixtures import checkpoint_state, make_corpus, tiny_config
 
 NAN_STEPS = (1, 7, 8, 9)  # 1 alone; 7, 8, 9 in a row
 INF_LOSS_STEPS = (3,)
@@ -41,19 +40,6 @@ def _config(corpus, **kw):
         "debug.inject_inf_loss_steps": INF_LOSS_STEPS, "debug.inject_inf_grad_steps": INF_GRAD_STEPS}, **kw)
 
 
-def _state(workdir, step: int) -> dict:
-    """The whole `state` item of a checkpoint as flat numpy arrays."""
-    import orbax.checkpoint as ocp
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
-    ckpt = ocp.PyTreeCheckpointer()
-    meta = ckpt.metadata(path)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    out = ckpt.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
-    leaves = jax.tree_util.tree_flatten_with_path(out)[0]  # opt_state holds tuples: flatten everything
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp): np.asarray(v) for kp, v in leaves}
-
-
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
@@ -68,7 +54,7 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(corpus, tmp_pa
     stop = 7  # steps 0..6: the three isolated faults, each followed by a good step
     summary = train(_config(corpus, **{"debug.stop_after": stop}), wd)
     assert summary["stopped_at"] == stop and summary["skipped"] == 3
-    states = {s: _state(wd, s) for s in range(1, stop + 1)}
+    states = {s: checkpoint_state(wd, s) for s in range(1, stop + 1)}
     bad = set(NAN_STEPS + INF_LOSS_STEPS + INF_GRAD_STEPS)
     for s in range(1, stop):  # step index s turns checkpoint s into checkpoint s + 1
         before, after = states[s], states[s + 1]

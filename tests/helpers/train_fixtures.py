@@ -32,3 +32,19 @@ def tiny_config(variant: str, sources, tokenizer, **overrides):
             node = node[p]
         node[parts[-1]] = v
     return c
+
+
+def checkpoint_state(workdir: str, step: int) -> dict:
+    """The whole `state` item of a trainer checkpoint (params, optimizer state, counters) as flat numpy
+    arrays keyed by path; opt_state holds tuples, so everything is flattened."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    ckpt = ocp.PyTreeCheckpointer()
+    meta = ckpt.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    out = ckpt.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+    leaves = jax.tree_util.tree_flatten_with_path(out)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp): np.asarray(v) for kp, v in leaves}
