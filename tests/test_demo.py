@@ -11,7 +11,7 @@ import pytest
 
 from dsvl_jax import tasks
 from dsvl_jax.convert.orbax_io import load_orbax_params
-from dsvl_jax.demo import cli
+from dsvl_jax.demo import cli, evaluate
 from dsvl_jax.demo.captions import describe
 from dsvl_jax.demo.run import parse_steps
 
@@ -26,7 +26,9 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
         assert f"\n{f}" in out
     assert "\nmap" not in out  # only the asked-for families
 
+    assert "no-image guess" in out
     summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(summary["no_image_guess"]["per_family"]) == {"document", "chart", "scene"}
     run = summary["runs"]["merge1"]
     assert set(run["after"]["per_family"]) == {"document", "chart", "scene"}
     assert all(0.0 <= v <= 1.0 for v in run["after"]["per_family"].values())
@@ -70,3 +72,13 @@ def test_captions_name_every_drawn_string():
                 if t["role"] not in skip:
                     for word in t["text"].lower().split():
                         assert word.lstrip("$x") in words, (family, t, words)
+
+
+def test_no_image_guess_answers_the_prior_of_each_question_kind():
+    examples = tasks.make_split("heldout", 12, ("scene", "chart"), 96, 0)
+    prior = {(e.task, e.kind): e.answer for e in examples[:4]}  # some kinds known, others not
+    sc = evaluate.prior_baseline(examples, prior)
+    for (_, family, guess, truth, ok), e in zip(sc.predictions, examples):
+        assert guess == prior.get((e.task, e.kind), "") and ok == tasks.exact_match(guess, truth)
+    hits = [row[4] for row in sc.predictions if row[1] == "scene"]
+    assert sc.per_family["scene"] == sum(hits) / len(hits)

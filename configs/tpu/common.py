@@ -76,8 +76,8 @@ def slice_config(arg: str, layouts: dict[str, Layout]):
     c.grad_accum = layout.grad_accum
     c.model.remat_policy = layout.remat
     if c.model.get("sam") is not None:
-        # "auto" picks the Pallas kernel on TPU, which XLA cannot partition over a sharded batch (it is
-        # not wrapped in a shard_map); the blockwise XLA path is what these layouts were compiled with.
+        # The figures below were compiled with the blockwise XLA path. "auto" (the Pallas kernel, run per
+        # shard through shard_map under the mesh) needs less HBM; re-run tpu/compile_all.py before using it.
         c.model.sam_attention_impl = "blockwise"
     c.data.workers = layout.data_workers
     if "data" in extra:

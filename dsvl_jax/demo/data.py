@@ -12,6 +12,7 @@ is its last id. Examples are drawn in worker processes (each is a pure function 
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures as futures
 import dataclasses
 import multiprocessing
@@ -41,6 +42,7 @@ class Corpus:
     caption: str
     text: str
     counts: dict
+    prior_answers: dict  # (family, question kind) -> its most common train answer: the no-image baseline
 
 
 def qa_record(example: tasks.Example, png: bytes) -> R.Record:
@@ -66,13 +68,15 @@ def text_record(i: int, paragraph: str) -> R.Record:
 
 
 def _draw(keys: Sequence[tuple[str, int, int]], image_size: int, difficulty: str) -> list[tuple]:
-    """Worker: (serialised qa, transcribe, caption records, texts for the tokenizer) per key."""
+    """Worker: (serialised qa, transcribe, caption records, (family, kind, answer), texts for the tokenizer)
+    per key."""
     out = []
     for family, seed, index in keys:
         e = tasks.generate(family, seed, index, image_size, difficulty)
         png = e.png_bytes()
         recs = (qa_record(e, png), transcribe_record(e, png), caption_record(e, png))
-        out.append(tuple(R.serialize(r) for r in recs) + ((e.question, e.answer, describe(e)),))
+        out.append(tuple(R.serialize(r) for r in recs) + ((e.task, e.kind, e.answer),
+                                                          (e.question, e.answer, describe(e))))
     return out
 
 
@@ -116,4 +120,9 @@ def write_corpus(root: str, *, n_train: int, n_text: int, families: Sequence[str
     R.write_records(os.path.join(root, "text"), (text_record(i, p) for i, p in enumerate(paragraphs)), num_shards)
     paths["text"] = os.path.join(root, "text") + "-*.array_record"
     counts = {kind: len(drawn) for kind in KINDS} | {"text": len(paragraphs)}
-    return Corpus(root, os.path.join(tok_dir, "tokenizer.json"), counts=counts, **paths)
+    answers = collections.defaultdict(collections.Counter)
+    for d in drawn:
+        family, kind, answer = d[len(KINDS)]
+        answers[(family, kind)][answer] += 1
+    prior = {key: c.most_common(1)[0][0] for key, c in answers.items()}
+    return Corpus(root, os.path.join(tok_dir, "tokenizer.json"), counts=counts, prior_answers=prior, **paths)

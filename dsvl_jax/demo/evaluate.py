@@ -59,6 +59,16 @@ def answer(vlm: VLM, processor: Processor, examples: Sequence[tasks.Example], *,
 def score(vlm: VLM, processor: Processor, examples: Sequence[tasks.Example], **kw) -> Scores:
     t0 = time.perf_counter()
     preds = answer(vlm, processor, examples, **kw)
+    return score_predictions(examples, preds, time.perf_counter() - t0)
+
+
+def prior_baseline(examples: Sequence[tasks.Example], prior_answers: dict) -> Scores:
+    """What answering without the image scores: each request gets the most common train answer of its
+    (family, question kind). A model that beats this reads the picture."""
+    return score_predictions(examples, [prior_answers.get((e.task, e.kind), "") for e in examples], 0.0)
+
+
+def score_predictions(examples: Sequence[tasks.Example], preds: Sequence[str], seconds: float) -> Scores:
     hits, counts = defaultdict(int), defaultdict(int)
     rows = []
     for e, p in zip(examples, preds):
@@ -67,8 +77,7 @@ def score(vlm: VLM, processor: Processor, examples: Sequence[tasks.Example], **k
         counts[e.task] += 1
         rows.append((e.id, e.task, p, e.answer, ok))
     families = [f for f in tasks.FAMILIES if f in counts]
-    return Scores({f: hits[f] / counts[f] for f in families}, {f: counts[f] for f in families}, rows,
-                  time.perf_counter() - t0)
+    return Scores({f: hits[f] / counts[f] for f in families}, {f: counts[f] for f in families}, rows, seconds)
 
 
 def table(columns: dict[str, Scores]) -> str:

@@ -114,7 +114,9 @@ def run(s: Settings) -> dict:
          f"{tok.vocab_size} ids; {len(heldout)} held-out requests "
          f"({clock.phases['corpus']['wall_s'] + clock.phases['heldout']['wall_s']:.0f}s)")
 
-    summary = {"settings": dataclasses.asdict(s), "machine": m, "corpus": corpus.counts, "runs": {}}
+    prior = evaluate.prior_baseline(heldout, corpus.prior_answers)
+    summary = {"settings": dataclasses.asdict(s), "machine": m, "corpus": corpus.counts, "runs": {},
+               "no_image_guess": prior.as_dict()}
     final = {}
     for merge in s.token_merge:
         model = recipe.demo_model(tok.vocab_size, tok.image_token_id, merge, _size(s))
@@ -166,7 +168,7 @@ def run(s: Settings) -> dict:
         after = clock.run(f"{tag}/eval_after", evaluate.score, vlm, processor, heldout,
                           max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch)
         _say(f"\nexact match on {len(heldout)} held-out requests (token_merge={merge}):")
-        _say(evaluate.table({"before": before, "after": after}))
+        _say(evaluate.table({"before": before, "no-image guess": prior, "after": after}))
         train_wall = sum(t["wall_s"] for t in stage_times.values())
         summary["runs"][tag] = {
             "num_image_tokens": model.num_image_tokens, "before": before.as_dict(), "after": after.as_dict(),
