@@ -19,6 +19,9 @@ transfers included), best of `--repeats` calls after a warm-up call (which compi
   step of the streaming path), from the first calls.
 dsvl_jax's own `Timings` (compile excluded, per phase) are in the JSON too. Targets: decode ≥ 3x,
 prefill time ratio (ours / torch) ≤ 0.9.
+Last, the bandwidth ceiling: batch-1 fp32 decoding reads every LM weight once a token, so the weights'
+bytes over this machine's measured read bandwidth bound the s/token of any implementation; the largest
+speedup over transformers that this machine allows is printed beside it.
 """
 from __future__ import annotations
 
@@ -231,7 +234,45 @@ def main(argv=None) -> int:
                 extra = f"{'':6} {1 / b['decode_s_per_token']:12.2f} {'':7} {'':9} {'':9}"
             print(f"{name:6} {r['params'] / 1e9:5.2f}B {label:13} {b['prefill_s']:9.2f} {extra} {b['load_avg']:5.1f}")
         print(f"{name:6} same greedy tokens on every side: {r['same_greedy_tokens']}")
+    # Batch-1 fp32 decoding reads every LM weight once per token: at this machine's read bandwidth that sets
+    # the fastest possible s/token for any implementation, and so the largest possible speedup over torch.
+    bw = read_bandwidth()
+    print(f"memory read bandwidth here: {bw / 1e9:.1f} GB/s")
+    for name, r in results.items():
+        floor = decode_weight_bytes(name) / bw
+        torch_s = r["best"]["torch"]["decode_s_per_token"]
+        print(f"{name:6} decode reads {decode_weight_bytes(name) / 1e9:.2f} GB of weights a token: at least "
+              f"{floor * 1e3:.1f} ms/token, so at most {torch_s / floor:.2f}x faster than transformers here")
     return 0
+
+
+def decode_weight_bytes(name: str) -> int:
+    """Bytes of weights one decoded token must read (fp32): the decoder layers, final norm and LM head;
+    the input embedding is gathered (one row), the vision towers are not run."""
+    import math
+
+    import flax.linen as nn
+    from flax import traverse_util
+
+    from dsvl_jax.models.vlm import abstract_params
+    flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(model_config(name))), sep="/")
+    return 4 * sum(math.prod(v.shape) for k, v in flat.items()
+                   if k.startswith("language_model/") and "embed_tokens" not in k)
+
+
+def read_bandwidth(gib: int = 2, repeats: int = 5) -> float:
+    """This machine's memory read rate (bytes/s): a multi-threaded sum over a buffer far larger than cache."""
+    import torch
+    x = torch.ones(gib * 2**28, dtype=torch.float32)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def _best(runs: list) -> dict:
