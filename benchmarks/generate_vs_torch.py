@@ -239,9 +239,10 @@ def main(argv=None) -> int:
     bw = read_bandwidth()
     print(f"memory read bandwidth here: {bw / 1e9:.1f} GB/s")
     for name, r in results.items():
-        floor = decode_weight_bytes(name) / bw
+        weight_bytes = decode_weight_bytes(name)
+        floor = weight_bytes / bw
         torch_s = r["best"]["torch"]["decode_s_per_token"]
-        print(f"{name:6} decode reads {decode_weight_bytes(name) / 1e9:.2f} GB of weights a token: at least "
+        print(f"{name:6} decode reads {weight_bytes / 1e9:.2f} GB of weights a token: at least "
               f"{floor * 1e3:.1f} ms/token, so at most {torch_s / floor:.2f}x faster than transformers here")
     return 0
 

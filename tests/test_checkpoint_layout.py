@@ -3,7 +3,6 @@ against the reference doc (official layout) and against transformers' own state_
 import math
 
 import flax.linen as nn
-import jax
 import pytest
 from flax import traverse_util
 

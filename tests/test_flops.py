@@ -15,11 +15,7 @@ Three checks, from exact to coarse:
 """
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import os
-import sys
 
 import flax.linen as nn
 import jax
@@ -36,18 +32,7 @@ from dsvl_jax.train.config_base import base
 from dsvl_jax.train.optimizer import make_optimizer
 from dsvl_jax.train.state import init_params, make_state, param_shardings
 from dsvl_jax.train.step import make_train_step
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@functools.cache
-def _aot_tool():
-    """tools/aot_compile.py as a module (its abstract state / batch builders)."""
-    spec = importlib.util.spec_from_file_location("aot_compile", os.path.join(ROOT, "tools", "aot_compile.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+from tests.helpers.repo_tools import aot_tool
 
 
 def one_device_mesh():
@@ -57,7 +42,7 @@ def one_device_mesh():
 def step_and_inputs(cfg, patterns, *, batch, seq_len, images, text_only=False, grad_accum=1, loss_chunk=512,
                     num_tasks=1):
     """The trainer's jitted step and abstract (state, batch) on a one-device mesh."""
-    aot = _aot_tool()
+    aot = aot_tool()
     mesh = one_device_mesh()
     _, abstract = param_shardings(cfg, mesh)
     mask = stages.trainable_mask(abstract, patterns)
@@ -250,7 +235,7 @@ def single_trip_params():
 
 def _real_batch(cfg, mesh, b, t, images, text_only):
     out = {}
-    for k, v in _aot_tool().abstract_batch(cfg, mesh, b, t, images, text_only).items():
+    for k, v in aot_tool().abstract_batch(cfg, mesh, b, t, images, text_only).items():
         out[k] = jax.device_put(np.zeros(v.shape, v.dtype), v.sharding)
     return out
 

@@ -14,6 +14,7 @@ from dsvl_jax.generation.engine import Generator
 from dsvl_jax.generation.inputs import bucket_images, bucket_length, bucket_new_tokens
 from dsvl_jax.vlm import InputError
 from tests.helpers import torch_ref as R
+from tests.helpers.compile_counter import CompileCounter
 
 # Weights at std 0.2 (not the parity default 0.05): the greedy path then wanders over many tokens
 # instead of repeating one, so equality over 32 steps says something.
@@ -126,24 +127,6 @@ def test_kv_cache_logits_equal_full_recomputation_every_step(tiny_parity_scale):
         assert recomputed.shape == out.logits[r].shape
         assert np.abs(out.logits[r] - recomputed).max() <= 1e-5
         np.testing.assert_array_equal(out.tokens[r], recomputed.argmax(-1))
-
-
-class CompileCounter:
-    """Counts XLA backend compilations (JAX's own monitoring events) while active."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self)
 
 
 def test_no_recompilation_inside_a_bucket_or_across_steps(tiny):

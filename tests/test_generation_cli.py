@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,6 +19,7 @@ from dsvl_jax.processing.chat import IMAGE_TAG
 from dsvl_jax.processing.processor import Processor
 from dsvl_jax.processing.tokenizer_build import build_bpe_tokenizer, sample_corpus
 from tests.helpers import torch_ref as R
+from tests.helpers.compile_counter import CompileCounter
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -125,15 +125,6 @@ def test_interactive_session_keeps_history_and_images(chat_dir):
     assert turns[2]["prompt_tokens"] < turns[0]["prompt_tokens"]
 
 
-class CompileCounter:
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            self.count += 1
-
-
 def test_bad_input_fails_before_compiling(chat_dir, tmp_path):
     ckpt, images, vlm, tok = chat_dir
     wide = str(images / "wide.png")
@@ -149,9 +140,7 @@ def test_bad_input_fails_before_compiling(chat_dir, tmp_path):
         (["--temperature", "0.5", "--top-p", "2", "q"], "top_p=2.0"),
         (["--max-new-tokens", "0", "q"], "--max-new-tokens=0"),
     ]
-    counter = CompileCounter()
-    jax.monitoring.register_event_duration_secs_listener(counter)
-    try:
+    with CompileCounter() as counter:
         for argv, message in cases:
             rc, out, err = run_cli(["--ckpt", ckpt] + argv)
             assert rc == chat_cli.EXIT_BAD_INPUT and message in err and out == "", (argv, err)
@@ -159,8 +148,6 @@ def test_bad_input_fails_before_compiling(chat_dir, tmp_path):
         assert rc == 2 and "no such directory" in err
         rc, out, err = run_cli(["--ckpt", str(no_tokenizer), "q"])
         assert rc == 2 and "tokenizer" in err
-    finally:
-        jax.monitoring.unregister_event_duration_listener(counter)
     assert counter.count == 0
 
 

@@ -2,15 +2,15 @@
 and the memory plan and FLOP figures it reports hold up. Skips when libtpu is absent."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
+
+from tests.helpers.repo_tools import ROOT, aot_tool
 
 # Only compiling: let several processes load libtpu (else its lockfile makes concurrent runs fail).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -20,23 +20,13 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed"),
 ]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
-
-
-@functools.cache
-def aot():
-    spec = importlib.util.spec_from_file_location("aot_compile", os.path.join(ROOT, "tools", "aot_compile.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_stage2():
     """configs/tiny.py:stage2 cut to 2 SAM blocks (one windowed, one global) and one LM layer: every code
     path still compiles, in a fraction of the time."""
-    config = aot().load_config(TINY + ":stage2")
+    config = aot_tool().load_config(TINY + ":stage2")
     config.model.sam.num_hidden_layers = 2
     config.model.sam.global_attn_indexes = (1,)
     config.model.text.num_hidden_layers = 1
@@ -53,7 +43,7 @@ def _shard_bytes(tree) -> int:
 
 
 def test_tiny_train_step_compiles_for_v5p_with_memory_and_flops():
-    tool = aot()
+    tool = aot_tool()
     config = tiny_stage2()
     plan = tool.compile_plan(config, "v5p:2x2x1", (1, -1, 1), batch=8, seq_len=96, sam_impl="blockwise",
                              count_jaxpr=False)
@@ -84,7 +74,7 @@ def test_tiny_train_step_compiles_for_v5p_with_memory_and_flops():
 
 
 def test_sam_pallas_kernel_compiles_inside_the_train_step_on_one_chip():
-    tool = aot()
+    tool = aot_tool()
     plan = tool.compile_plan(tiny_stage2(), "v5p:2x2x1", (1, 1, 1), batch=2, seq_len=96,
                              sam_impl="pallas", count_jaxpr=False, use_chips=1)
     assert plan.devices == 1 and plan.fits
@@ -94,13 +84,13 @@ def test_sam_pallas_kernel_compiles_inside_the_train_step_on_one_chip():
 
 def test_sam_pallas_kernel_compiles_inside_the_sharded_train_step():
     """The Mosaic kernel runs per shard (shard_map over images and heads) inside a 4-chip train step."""
-    tool = aot()
+    tool = aot_tool()
     tool.compile_plan(tiny_stage2(), "v5p:2x2x1", (1, -1, 1), batch=8, seq_len=96,
                       sam_impl="pallas", count_jaxpr=False)
 
 
 def test_bad_arguments_name_the_flag():
-    tool = aot()
+    tool = aot_tool()
     config = tool.load_config(TINY + ":stage2")
     with pytest.raises(SystemExit, match="--topology"):
         tool.describe_topology("v9z:2x2")
@@ -114,7 +104,7 @@ def test_bad_arguments_name_the_flag():
 
 def test_help_states_the_measured_7b_figures(capsys):
     with pytest.raises(SystemExit) as e:
-        aot().main(["--help"])
+        aot_tool().main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--config configs/deepseek_vl_7b.py:stage2 --topology v5p:4x4x8" in text

@@ -80,7 +80,7 @@ def run(s: Settings) -> dict:
     import jax
 
     from dsvl_jax.convert.orbax_io import load_orbax_params
-    from dsvl_jax.demo import data, evaluate, hf_check, recipe
+    from dsvl_jax.demo import data, evaluate, recipe
     from dsvl_jax.processing.processor import Processor
     from dsvl_jax.processing.tokenizer import Tokenizer
     from dsvl_jax.train.trainer import train

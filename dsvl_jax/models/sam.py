@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dsvl_jax.config import SamConfig
-from dsvl_jax.models.common import LayerNorm, activation, boxed, constrain, dense, maybe_remat, normal, patch_embed
+from dsvl_jax.models.common import LayerNorm, activation, boxed, constrain, dense, maybe_remat, patch_embed
 from dsvl_jax.ops import relpos_attention
 from dsvl_jax.ops.reference import relpos_attention_reference
 

@@ -4,7 +4,6 @@ save cut short is never picked), restore onto any mesh, and SIGTERM → save and
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 

@@ -14,7 +14,6 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
