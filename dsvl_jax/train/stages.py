@@ -45,7 +45,7 @@ def patterns_for(stage: int | None, trainable: Sequence[str] = ()) -> tuple:
     return STAGE_TRAINABLE[stage]
 
 
-def _matches(path: str, patterns: Iterable[str]) -> bool:
+def path_matches(path: str, patterns: Iterable[str]) -> bool:
     for p in patterns:
         if p.startswith("re:"):
             if re.search(p[3:], path):
@@ -58,7 +58,7 @@ def _matches(path: str, patterns: Iterable[str]) -> bool:
 def trainable_mask(params, patterns: Sequence[str]):
     """A tree of bools like `params`: True where the param is trained. Unused params never are."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    mask = {k: _matches(k, patterns) and not _matches(k, UNUSED) for k in flat}
+    mask = {k: path_matches(k, patterns) and not path_matches(k, UNUSED) for k in flat}
     return traverse_util.unflatten_dict(mask, sep="/")
 
 

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.models.vlm import DeepseekVL, abstract_params, dummy_inputs
-from dsvl_jax.train.stages import _matches
+from dsvl_jax.train.stages import path_matches
 from dsvl_jax.train.step import split_params
 
 
@@ -87,7 +87,7 @@ def reinit(params, fresh, patterns):
     if not patterns:
         return params
     flat, new = traverse_util.flatten_dict(params, sep="/"), traverse_util.flatten_dict(fresh, sep="/")
-    hit = [k for k in flat if _matches(k, patterns)]
+    hit = [k for k in flat if path_matches(k, patterns)]
     if not hit:
         raise ValueError(f"init.reinit patterns {list(patterns)} match no parameter")
     for k in hit:
