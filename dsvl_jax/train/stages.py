@@ -22,13 +22,10 @@ SAM = ("vision/sam/",)
 # Never trained: stored in the checkpoints, never used by the forward pass.
 UNUSED = ("vision/siglip/head/", "vision/high_layer_norm/", "vision/low_layer_norm/")
 
-STAGE_TRAINABLE = {
-    1: ADAPTOR,
-    2: ADAPTOR + LLM,
-    3: ADAPTOR + LLM + SIGLIP,
-}
-
 GROUPS = {"adaptor": ADAPTOR, "llm": LLM, "siglip": SIGLIP, "sam": SAM}
+# The paper's trainable sets, by group name; STAGE_TRAINABLE is the same as path prefixes.
+STAGE_GROUPS = {1: ("adaptor",), 2: ("adaptor", "llm"), 3: ("adaptor", "llm", "siglip")}
+STAGE_TRAINABLE = {stage: sum((GROUPS[g] for g in groups), ()) for stage, groups in STAGE_GROUPS.items()}
 
 
 def patterns_for(stage: int | None, trainable: Sequence[str] = ()) -> tuple:
