@@ -44,3 +44,13 @@ def test_group_factor_scales_only_its_group():
 def test_unknown_group_is_named():
     with pytest.raises(ValueError, match="unknown group.*'vit'"):
         make_optimizer(_cfg(lr_mult={"vit": 2.0}), 10)
+
+
+def test_config_takes_group_factors_and_names_a_bad_group():
+    from dsvl_jax.config import VLMConfig
+    from dsvl_jax.train import config_base, validate
+    c = config_base.base(VLMConfig())
+    c.optimizer.lr_mult = {"adaptor": 0.1}
+    assert "optimizer.lr_mult.adaptor" not in validate._unknown_keys(c, config_base.base(VLMConfig()))
+    c.optimizer.lrr = 1.0
+    assert validate._unknown_keys(c, config_base.base(VLMConfig())) == ["optimizer.lrr"]
