@@ -10,7 +10,7 @@ _LAZY = {
     "VLMConfig": "dsvl_jax.config",
     "load_pretrained": "dsvl_jax.convert.load",
     "save_pretrained": "dsvl_jax.convert.export",
-    "VLM": "dsvl_jax.vlm",
+    "VLM": "dsvl_jax.runtime",
     "Processor": "dsvl_jax.processing.processor",
 }
 

@@ -26,11 +26,11 @@ from flax import traverse_util
 
 from dsvl_jax import sharding
 from dsvl_jax.config import SamConfig, SiglipConfig, TextConfig, deepseek_vl_1p3b, deepseek_vl_7b, tiny
-from dsvl_jax.models.vlm import DeepseekVL, abstract_params
+from dsvl_jax.models.vlm import DeepseekVL
+from dsvl_jax.state import abstract_params, init_params, make_state, param_shardings
 from dsvl_jax.train import flops, stages
 from dsvl_jax.train.config_base import base
 from dsvl_jax.train.optimizer import make_optimizer
-from dsvl_jax.train.state import init_params, make_state, param_shardings
 from dsvl_jax.train.step import make_train_step
 from tests.helpers.repo_tools import aot_tool
 

@@ -170,7 +170,7 @@ def watched():
 def artifacts(tmp_path_factory):
     """Files of every kind the project loads, written by the project's own writers."""
     from dsvl_jax.convert.export import save_pretrained
-    from dsvl_jax.convert.load import param_shapes
+    from dsvl_jax.state import param_shapes
     from dsvl_jax.convert.orbax_io import save_orbax_params
     root = tmp_path_factory.mktemp("artifacts")
     cfg = C.tiny()

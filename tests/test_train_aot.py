@@ -52,7 +52,7 @@ def test_tiny_train_step_compiles_for_v5p_with_memory_and_flops():
     from dsvl_jax import sharding
     from dsvl_jax.train import stages, validate
     from dsvl_jax.train.optimizer import make_optimizer
-    from dsvl_jax.train.state import param_shardings
+    from dsvl_jax.state import param_shardings
     devices, _, _ = tool.describe_topology("v5p:2x2x1")
     mesh = sharding.make_mesh(1, -1, 1, devices=devices)
     cfg = validate.model_config(config).replace(sam_attention_impl="blockwise")

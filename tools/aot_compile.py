@@ -106,22 +106,9 @@ def describe_topology(name: str, use_chips: int | None = None):
 
 
 def abstract_state(cfg, tx, mask, mesh):
-    """The trainer's state dict (`state.make_state`) as sharded ShapeDtypeStructs: nothing allocated."""
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from dsvl_jax.train.state import opt_state_shardings, param_shardings
-    from dsvl_jax.train.step import split_params
-
-    sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-    p_shard, abstract = param_shardings(cfg, mesh)
-    params = jax.tree.map(sds, abstract, p_shard)
-    opt_abs = jax.eval_shape(tx.init, split_params(params, mask)[0])
-    o_shard = opt_state_shardings(opt_abs, traverse_util.flatten_dict(p_shard, sep="/"), mesh)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-    return {"step": scalar, "params": params, "opt_state": jax.tree.map(sds, opt_abs, o_shard),
-            "bad_steps": scalar, "skipped": scalar}
+    """The trainer's state (`dsvl_jax.state.abstract_state`) as sharded ShapeDtypeStructs: nothing allocated."""
+    from dsvl_jax.state import abstract_state as sharded_abstract_state
+    return sharded_abstract_state(cfg, mesh, tx, mask)
 
 
 def abstract_batch(cfg, mesh, batch: int, seq_len: int, images_per_row: int, text_only: bool):
@@ -197,7 +184,7 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
     from dsvl_jax.models.vlm import DeepseekVL
     from dsvl_jax.train import flops, stages, validate
     from dsvl_jax.train.optimizer import make_optimizer
-    from dsvl_jax.train.state import param_shardings
+    from dsvl_jax.state import param_shardings
     from dsvl_jax.train.step import make_train_step
 
     devices, gen, chips = describe_topology(topology, use_chips)

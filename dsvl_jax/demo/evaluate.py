@@ -10,7 +10,7 @@ import numpy as np
 
 from dsvl_jax import tasks
 from dsvl_jax.processing.processor import Processor
-from dsvl_jax.vlm import VLM
+from dsvl_jax.runtime import VLM
 
 
 def prompt(example: tasks.Example) -> list[dict]:

@@ -20,7 +20,7 @@ from dsvl_jax.convert.export import save_pretrained
 from dsvl_jax.demo.evaluate import prompt
 from dsvl_jax.processing import image as image_ops
 from dsvl_jax.processing.processor import Processor, write_hf_processor_config
-from dsvl_jax.vlm import VLM
+from dsvl_jax.runtime import VLM
 
 
 @dataclasses.dataclass

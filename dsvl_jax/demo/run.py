@@ -84,7 +84,7 @@ def run(s: Settings) -> dict:
     from dsvl_jax.processing.processor import Processor
     from dsvl_jax.processing.tokenizer import Tokenizer
     from dsvl_jax.train.trainer import train
-    from dsvl_jax.vlm import VLM
+    from dsvl_jax.runtime import VLM
 
     clock = Clock()
     workdir = os.path.abspath(s.workdir)
@@ -233,7 +233,7 @@ def _fresh_params(model, seed: int):
     import jax
 
     from dsvl_jax import sharding
-    from dsvl_jax.train.state import init_params
+    from dsvl_jax.state import init_params
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     return jax.device_get(init_params(model, mesh, seed))
 

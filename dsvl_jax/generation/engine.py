@@ -36,6 +36,7 @@ from dsvl_jax.generation.inputs import PackedBatch, bucket_new_tokens, pack_batc
 from dsvl_jax.generation.sampling import SamplingConfig, check_sampling, choose_tokens, sampling_config
 from dsvl_jax.models.common import constrain
 from dsvl_jax.models.llama import cache_mask
+from dsvl_jax.state import param_shardings
 
 CACHE_AXES = ("layers", "act_batch", "act_len", "act_kv_heads", None)
 EOS_SLOTS = 4  # EOS ids are padded (with -1) to a multiple of this, so their number rarely re-compiles
@@ -104,8 +105,7 @@ class Generator:
         if self.mesh is None:
             return params
         if self._param_shardings is None:
-            from dsvl_jax.models.vlm import abstract_params
-            self._param_shardings = sharding.param_shardings(abstract_params(self.config), self.mesh)
+            self._param_shardings = param_shardings(self.config, self.mesh)[0]
         return jax.device_put(params, self._param_shardings)  # no copy when already placed so
 
     def _put(self, x, names=None):
