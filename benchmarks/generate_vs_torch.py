@@ -35,7 +35,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, REPO)  # for tests.helpers (the PyTorch reference), which is not an installed package
 
 
 def model_config(name: str):
