@@ -34,7 +34,7 @@ from jax.sharding import AxisType, Mesh  # noqa: E402
 
 from dsvl_jax import sharding  # noqa: E402
 from dsvl_jax.train import aot  # noqa: E402
-from dsvl_jax.train.config_files import load_module  # noqa: E402
+from dsvl_jax.train.config_files import config_module  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICES = os.path.join(REPO, "configs", "tpu")
@@ -49,7 +49,7 @@ def entries(only: list[str] | None = None) -> list[tuple[str, str]]:
     """(slice name, variant) pairs: all of them, or those named as slice[:variant]."""
     files, out = slice_files(), []
     for name, path in files.items():
-        for variant in load_module(path).LAYOUTS:
+        for variant in config_module(path).LAYOUTS:
             out.append((name, variant))
     if only:
         wanted = []
@@ -89,7 +89,7 @@ def _mesh_over_tensorcores():
 def compile_one(name: str, variant: str, mfu: float) -> dict:
     """Compile one variant in this process; the figures as a dict."""
     _mesh_over_tensorcores()
-    mod = load_module(slice_files()[name])
+    mod = config_module(slice_files()[name])
     config = mod.get_config(variant)
     sam = config.model.get("sam") is not None
     row = dict(slice=name, variant=variant, accelerator=mod.ACCELERATOR, topology=mod.TOPOLOGY,

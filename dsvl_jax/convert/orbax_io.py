@@ -24,7 +24,7 @@ from flax import traverse_util
 
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
-from dsvl_jax.convert.export import atomic_directory, copy_side_files
+from dsvl_jax.convert import export
 from dsvl_jax.errors import CheckpointError
 from dsvl_jax.state import check_params, param_shapes
 
@@ -254,7 +254,7 @@ def save_orbax_params(path: str, cfg: VLMConfig, params, step: int = 0, *, overw
     _quiet_orbax()
     check_params(cfg, params)
     params = jax.tree.map(sharding.host_array, params)  # numpy leaves: written as they are, no device copy
-    with atomic_directory(path, overwrite) as tmp:
+    with export.atomic_directory(path, overwrite) as tmp:
         write_model_config(tmp, cfg)
         mngr = ocp.CheckpointManager(os.path.join(tmp, CHECKPOINTS_DIR), item_handlers={STATE: _lean_state_handler()},
                                      options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
@@ -263,5 +263,5 @@ def save_orbax_params(path: str, cfg: VLMConfig, params, step: int = 0, *, overw
             mngr.wait_until_finished()
         finally:
             mngr.close()
-        copy_side_files(side_files_from, tmp)
+        export.copy_side_files(side_files_from, tmp)
     return os.path.abspath(path)

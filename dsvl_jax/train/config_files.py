@@ -27,7 +27,7 @@ from typing import NamedTuple
 MODELS = {"1p3b": "deepseek_vl_1p3b", "7b": "deepseek_vl_7b"}  # size → configs/<file>.py of its paper stages
 
 
-def load_module(path: str) -> types.ModuleType:
+def config_module(path: str) -> types.ModuleType:
     """A config file as a module (not registered in sys.modules: config files are not package modules)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no file {path}")
@@ -42,7 +42,7 @@ def load_config(spec: str):
     """`path.py[:arg]` → the file's `get_config(arg)` (`get_config()` without an argument)."""
     path, _, arg = spec.partition(":")
     try:
-        mod = load_module(path)
+        mod = config_module(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{spec}: {e}") from None
     return mod.get_config(arg) if arg else mod.get_config()
@@ -95,7 +95,7 @@ def slice_config(arg: str, layouts: dict[str, Layout], slice_file: str):
     model, _, stage = variant.partition("_stage")
     layout = layouts[variant]
     configs = os.path.dirname(os.path.dirname(os.path.abspath(slice_file)))
-    c = load_module(os.path.join(configs, MODELS[model] + ".py")).get_config(f"stage{stage}")
+    c = config_module(os.path.join(configs, MODELS[model] + ".py")).get_config(f"stage{stage}")
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = layout.mesh
     c.grad_accum = layout.grad_accum
     c.model.remat_policy = layout.remat
