@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
     "tqdm",
     "tensorboardX",
     "psutil",
+    "matplotlib==3.11.2",  # the demo's report.png
 ]
 
 TEST_REQUIRES = [

@@ -62,6 +62,7 @@ class DataConfig:
     read_buffer: int = 16
     worker_buffer: int = 2  # elements each worker process keeps ready
     shard_count: int = 0  # disjoint data shards (a multiple of the process count); 0 = one per process
+    task_tag_prompt: bool = False  # conversations: "[task] " in front of the first instruction
 
     def __post_init__(self):
         if not self.sources:
@@ -265,7 +266,8 @@ def make_train_dataset(data_config: DataConfig, model_config, tokenizer, *, batc
         raise ValueError(f"worker_count={worker_count} must be >= 0")
     if worker_count:
         _mark_absl_flags_parsed()
-    maker = ExampleMaker(tokenizer, model_config, tasks=data_config.tasks, max_pixels=data_config.max_image_pixels)
+    maker = ExampleMaker(tokenizer, model_config, tasks=data_config.tasks, max_pixels=data_config.max_image_pixels,
+                         task_tag_prompt=data_config.task_tag_prompt)
     spec = row_spec(data_config, model_config, tokenizer, seq_len)
     streams, records = {}, {}
     per_process = shard_count // process_count

@@ -44,13 +44,20 @@ def image_error_reason(err: Exception) -> str:
     return "undecodable image"
 
 
-def to_conversation(rec: R.Record) -> tuple[list[dict], str]:
+def task_tag_prefix(task: str) -> str:
+    """The task tag put in front of an instruction when task-tag prompting is on (paper §3.1's task
+    taxonomy as a prompt): "[chart] " before "How high is the C bar?"."""
+    return f"[{task}] "
+
+
+def to_conversation(rec: R.Record, task_tag: bool = False) -> tuple[list[dict], str]:
     """A conversation record -> (chat messages for `chat.render_segments`, system prompt).
 
     Consecutive segments of one role form a turn; an image belongs to the turn of the text after it
     (or before it, at the very end) and appears as `chat.IMAGE_TAG` at its place in that turn.
     Leading system segments replace the default system prompt. Raises ValueError if the record is
     not a well-formed conversation (the template itself checks that turns alternate).
+    `task_tag`: the first user turn starts with `task_tag_prefix(rec.task)`.
     """
     segs = list(rec.segments)
     roles: list[str | None] = [None if s.is_image else s.role for s in segs]
@@ -78,6 +85,10 @@ def to_conversation(rec: R.Record) -> tuple[list[dict], str]:
         else:
             messages.append({"role": name, "content": piece})
     system_prompt = "".join(system).strip() if system else chat.SYSTEM_PROMPT
+    if task_tag:
+        first_user = next((m for m in messages if m["role"] == chat.USER), None)
+        if first_user is not None:
+            first_user["content"] = task_tag_prefix(rec.task) + first_user["content"]
     return messages, system_prompt
 
 
@@ -95,6 +106,7 @@ class ExampleMaker:
     model_config: Any
     tasks: Sequence[str] = DEFAULT_TASKS
     max_pixels: int = image_lib.DEFAULT_MAX_PIXELS
+    task_tag_prompt: bool = False  # put the record's task tag in front of its first instruction
 
     def __post_init__(self):
         # The processor checks that tokenizer and model agree (image id, vocabulary size).
@@ -148,7 +160,7 @@ class ExampleMaker:
         tok = self.tokenizer
         if rec.is_conversation:
             try:
-                messages, system = to_conversation(rec)
+                messages, system = to_conversation(rec, self.task_tag_prompt)
                 segments = chat.render_segments(messages, system_prompt=system)
             except ValueError as e:
                 raise R.RecordError("malformed conversation", str(e)) from None

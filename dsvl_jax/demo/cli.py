@@ -26,6 +26,9 @@ def parser() -> argparse.ArgumentParser:
                    "legible); SigLIP sees half of it")
     p.add_argument("--token-merge", choices=("1", "2", "both"), default="1",
                    help="2: average visual tokens 2x2 before the LM (4x fewer); both: train and compare both")
+    p.add_argument("--task-tags", choices=("off", "on", "both"), default="off",
+                   help="put each request's task tag ('[chart] ') in front of its question in stages 2-3 and at "
+                   "inference; both: train with and without and print the ablation at the same steps")
     p.add_argument("--difficulty", choices=sorted(tasks.DIFFICULTIES), default=d.difficulty)
     p.add_argument("--train-size", type=int, default=d.n_train, help="train requests written")
     p.add_argument("--eval-size", type=int, default=d.n_eval, help="held-out requests scored")
@@ -46,12 +49,13 @@ def settings_from_args(argv=None) -> Settings:
     if unknown or not families:
         raise SystemExit(f"--families: unknown {unknown or '(none given)'}; known: {','.join(tasks.FAMILIES)}")
     merges = (1, 2) if a.token_merge == "both" else (int(a.token_merge),)
+    tags = {"off": (False,), "on": (True,), "both": (False, True)}[a.task_tags]
     try:
         steps = parse_steps(a.steps)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     s = Settings(workdir=a.workdir, steps=steps, families=families, seed=a.seed, image_size=a.image_size,
-                 token_merge=merges, difficulty=a.difficulty, n_train=a.train_size, n_text=max(1, a.train_size // 4),
+                 token_merge=merges, task_tags=tags, difficulty=a.difficulty, n_train=a.train_size, n_text=max(1, a.train_size // 4),
                  n_eval=a.eval_size, batch=a.batch, lr=a.lr, train_sam=not a.freeze_sam,
                  check_transformers=not a.no_transformers, eval_every=max(0, a.eval_every))
     if a.quick:

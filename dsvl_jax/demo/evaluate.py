@@ -9,13 +9,17 @@ from typing import Sequence
 import numpy as np
 
 from dsvl_jax import tasks
+from dsvl_jax.data.transforms import task_tag_prefix
 from dsvl_jax.processing.processor import Processor
 from dsvl_jax.runtime import VLM
 
 
-def prompt(example: tasks.Example) -> list[dict]:
-    """The request with an empty assistant turn: what the model is asked to complete."""
-    return [{"role": "User", "content": f"{tasks.IMAGE_PLACEHOLDER}{example.question}", "images": [example.image]},
+def prompt(example: tasks.Example, task_tag: bool = False) -> list[dict]:
+    """The request with an empty assistant turn: what the model is asked to complete. `task_tag`: the
+    family's tag in front of the instruction, as training put it (`data.transforms.task_tag_prefix`)."""
+    tag = task_tag_prefix(example.task) if task_tag else ""
+    return [{"role": "User", "content": f"{tag}{tasks.IMAGE_PLACEHOLDER}{example.question}",
+             "images": [example.image]},
             {"role": "Assistant", "content": ""}]
 
 
@@ -36,7 +40,7 @@ class Scores:
 
 
 def answer(vlm: VLM, processor: Processor, examples: Sequence[tasks.Example], *, max_new_tokens: int = 6,
-           batch_size: int = 32) -> list[str]:
+           batch_size: int = 32, task_tag: bool = False) -> list[str]:
     """Greedy answers, in batches of a fixed size (the last one padded with repeats: one compiled program)."""
     tok = processor.tokenizer
     out: list[str] = []
@@ -44,7 +48,7 @@ def answer(vlm: VLM, processor: Processor, examples: Sequence[tasks.Example], *,
         chunk = list(examples[start:start + batch_size])
         real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - real)
-        batch = processor([prompt(e) for e in chunk])
+        batch = processor([prompt(e, task_tag) for e in chunk])
         new = vlm.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                            pixel_values=batch["pixel_values"], high_res_pixel_values=batch.get("high_res_pixel_values"),
                            max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)
@@ -66,6 +70,32 @@ def prior_baseline(examples: Sequence[tasks.Example], prior_answers: dict) -> Sc
     """What answering without the image scores: each request gets the most common train answer of its
     (family, question kind). A model that beats this reads the picture."""
     return score_predictions(examples, [prior_answers.get((e.task, e.kind), "") for e in examples], 0.0)
+
+
+def with_shuffled_images(examples: Sequence[tasks.Example], seed: int = 0) -> list[tasks.Example]:
+    """The same requests, each shown another request's image (a derangement within each family, so that the
+    picture keeps its family's look but no longer holds the answer). A model that reads the image falls to
+    about the no-image guess here; one that ignores it scores the same as with the real images."""
+    rng = np.random.default_rng(seed)
+    out = list(examples)
+    by_family = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_family[e.task].append(i)
+    for idx in by_family.values():
+        if len(idx) < 2:
+            continue
+        shift = rng.permutation(len(idx))
+        # a cyclic shift of a random order: nobody keeps their own image
+        for a, b in zip(shift, np.roll(shift, 1)):
+            out[idx[a]] = dataclasses.replace(examples[idx[a]], image=examples[idx[b]].image)
+    return out
+
+
+def answer_budget(tokenizer, answers: Sequence[str]) -> int:
+    """Tokens greedy decoding needs for the longest answer, its end-of-sequence token included, with or
+    without a leading space: scoring never cuts an answer short."""
+    longest = max((len(tokenizer.encode(t, add_bos=False)) for a in answers for t in (a, " " + a)), default=1)
+    return longest + 1
 
 
 def score_predictions(examples: Sequence[tasks.Example], preds: Sequence[str], seconds: float) -> Scores:

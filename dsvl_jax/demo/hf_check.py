@@ -17,8 +17,10 @@ import numpy as np
 
 from dsvl_jax import tasks
 from dsvl_jax.convert.export import save_pretrained
+from dsvl_jax.demo.data import SYSTEM_PROMPT
 from dsvl_jax.demo.evaluate import prompt
 from dsvl_jax.processing import image as image_ops
+from dsvl_jax.processing.chat import format_prompt
 from dsvl_jax.processing.processor import Processor, write_hf_processor_config
 from dsvl_jax.runtime import VLM
 
@@ -104,3 +106,54 @@ def transformers_available() -> str | None:
 
 def folder_files(folder: str) -> list[str]:
     return sorted(os.listdir(folder))
+
+
+def score_with_transformers(folder: str, examples, *, max_new_tokens: int = 6, system_prompt: str | None = None,
+                            batch_size: int = 16) -> list[str]:
+    """Greedy answers of the exported folder alone (transformers `AutoProcessor` + `AutoModelForImageTextToText`,
+    float32) to each example's plain prompt: the system prompt, the image and the question.
+
+    The prompt is the folder's chat template when it ships one, else the same `deepseek` format string that
+    `answer_with_transformers` feeds the HF processor (`Processor.format` of `evaluate.prompt`). The batch is
+    left-padded with the tokenizer's pad id (the exported tokenizer pads left with EOS); answers are cut at the
+    first EOS and decoded without special tokens, as `evaluate.answer` decodes ours. `system_prompt=None` is the
+    demo's (`data.SYSTEM_PROMPT`, what `run.py`'s `Processor` uses); "" is none.
+    """
+    import torch
+    import transformers
+
+    if system_prompt is None:
+        system_prompt = SYSTEM_PROMPT
+    hf_proc = transformers.AutoProcessor.from_pretrained(folder)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+    hf_tok = hf_proc.tokenizer
+    hf_tok.padding_side = "left"
+    eos = hf_tok.eos_token_id
+    pad = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else eos
+    ip = hf_proc.image_processor
+    background = tuple(int(c) for c in (getattr(ip, "high_res_background_color", None) or ip.background_color))
+
+    def text(example) -> str:
+        if getattr(hf_proc, "chat_template", None):
+            messages = ([{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+                        if system_prompt else [])
+            messages.append({"role": "user",
+                             "content": [{"type": "image"}, {"type": "text", "text": example.question}]})
+            return hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return format_prompt(prompt(example), system_prompt=system_prompt)
+
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    out: list[str] = []
+    examples = list(examples)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        inputs = hf_proc(text=[text(e) for e in chunk], images=[image_ops.to_rgb(e.image, background) for e in chunk],
+                         padding=True, return_tensors="pt")
+        with torch.no_grad():
+            new = model.generate(**inputs, **gen)[:, inputs["input_ids"].shape[1]:].numpy()
+        for row in new:
+            ids = row.tolist()
+            if eos in ids:
+                ids = ids[:ids.index(eos)]
+            out.append(hf_tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip())
+    return out

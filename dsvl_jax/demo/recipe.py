@@ -68,7 +68,7 @@ STAGE_GROUPS = {1: ("adaptor",), 2: ("adaptor", "llm"), 3: ("adaptor", "llm", "s
 def stage_config(stage: int, model: VLMConfig, *, tokenizer: str, sources: list[dict], tasks: tuple[str, ...],
                  steps: int, batch: int, seq_len: int, lr: float, seed: int, init_from: str = "",
                  train_sam: bool = False, warmup: int = 0, pack: bool = False, mm_warmup: int = 0,
-                 images_per_row: int = 1) -> ml_collections.ConfigDict:
+                 images_per_row: int = 1, task_tags: bool = False) -> ml_collections.ConfigDict:
     c = base(model)
     c.stage = stage
     groups = STAGE_GROUPS[stage] + (("sam",) if train_sam and stage == 3 else ())
@@ -88,6 +88,7 @@ def stage_config(stage: int, model: VLMConfig, *, tokenizer: str, sources: list[
     c.data.pack = pack
     c.data.mm_warmup_steps = mm_warmup
     c.data.max_images_per_row = images_per_row
+    c.data.task_tag_prompt = task_tags
     c.checkpoint.every = steps
     c.checkpoint.keep = 1
     c.checkpoint.async_save = False

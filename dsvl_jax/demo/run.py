@@ -14,8 +14,18 @@ import shutil
 import time
 from typing import Callable, Sequence
 
-from dsvl_jax import tasks
+import jax
+from tqdm import tqdm
+
+from dsvl_jax import sharding, tasks
+from dsvl_jax.convert.orbax_io import load_orbax_params
+from dsvl_jax.demo import data, evaluate, hf_check, recipe, report
 from dsvl_jax.demo.recipe import ModelSize
+from dsvl_jax.processing.processor import Processor
+from dsvl_jax.processing.tokenizer import Tokenizer
+from dsvl_jax.runtime import VLM
+from dsvl_jax.state import init_params
+from dsvl_jax.train.trainer import train
 
 CACHE = "jax_cache"  # XLA's persistent compilation cache, inside the workdir
 STAGE_NAMES = {1: "stage 1 (adaptor warm-up)", 2: "stage 2 (joint pretraining)", 3: "stage 3 (SFT)"}
@@ -29,6 +39,8 @@ class Settings:
     seed: int = 0
     image_size: int = 96
     token_merge: tuple[int, ...] = (1,)
+    task_tags: tuple[bool, ...] = (False,)  # (False, True): train both and print the ablation
+    tag_stages: tuple[int, ...] = (2, 3)  # stages whose requests carry the task tag when tags are on
     difficulty: str = "standard"
     n_train: int = 3000  # train requests (each also gives one caption record)
     n_text: int = 750  # text-only paragraphs (stage 2)
@@ -41,7 +53,7 @@ class Settings:
     read_share: float = 0.5  # transcription requests among stage 3's
     train_sam: bool = True
     vocab_size: int = 1024
-    max_new_tokens: int = 6
+    max_new_tokens: int = 0  # 0: the longest answer's tokens + EOS (`evaluate.answer_budget`)
     eval_batch: int = 50
     check_transformers: bool = True
     eval_every: int = 250  # > 0: score the held-out split every this many stage-3 steps (the learning curve)
@@ -77,15 +89,6 @@ def _say(msg: str = ""):
 
 
 def run(s: Settings) -> dict:
-    import jax
-
-    from dsvl_jax.convert.orbax_io import load_orbax_params
-    from dsvl_jax.demo import data, evaluate, recipe
-    from dsvl_jax.processing.processor import Processor
-    from dsvl_jax.processing.tokenizer import Tokenizer
-    from dsvl_jax.train.trainer import train
-    from dsvl_jax.runtime import VLM
-
     clock = Clock()
     workdir = os.path.abspath(s.workdir)
     if s.fresh and os.path.isdir(workdir):
@@ -102,7 +105,6 @@ def run(s: Settings) -> dict:
     _say(f"machine: {m['cpus']} CPUs, load average {m['load_average']} (other work slows every figure below)")
 
     # 1. The corpus, through the real data pipeline.
-    from tqdm import tqdm
     with tqdm(total=s.n_train, desc="writing the task suite", unit="req", dynamic_ncols=True) as bar:
         corpus = clock.run("corpus", data.write_corpus, os.path.join(workdir, "data"), n_train=s.n_train,
                            n_text=s.n_text, families=s.families, image_size=s.image_size, seed=s.seed,
@@ -114,80 +116,54 @@ def run(s: Settings) -> dict:
          f"{tok.vocab_size} ids; {len(heldout)} held-out requests "
          f"({clock.phases['corpus']['wall_s'] + clock.phases['heldout']['wall_s']:.0f}s)")
 
+    # The first requests of the train split, as trained on: their score against the held-out one measures
+    # how much of what the model learned is memorised images rather than reading.
+    seen = tasks.make_split("train", min(s.n_eval, s.n_train), s.families, s.image_size, s.seed, s.difficulty)
+    budget = s.max_new_tokens or evaluate.answer_budget(tok, [e.answer for e in heldout + seen])
+    _say(f"answers need up to {budget} new tokens (EOS included)")
     prior = evaluate.prior_baseline(heldout, corpus.prior_answers)
     summary = {"settings": dataclasses.asdict(s), "machine": m, "corpus": corpus.counts, "runs": {},
                "no_image_guess": prior.as_dict()}
     final = {}
     for merge in s.token_merge:
-        model = recipe.demo_model(tok.vocab_size, tok.image_token_id, merge, _size(s))
-        processor = Processor(tok, model, system_prompt=data.SYSTEM_PROMPT)
-        tag = f"merge{merge}"
-        _say(f"\n=== token_merge={merge}: {model.num_image_tokens} visual tokens per image "
-             f"({'2x2-merged' if merge == 2 else 'unmerged'}) ===")
-        run_dir = os.path.join(workdir, tag)
-        os.makedirs(run_dir, exist_ok=True)
-        before_vlm = VLM(model, _fresh_params(model, s.seed))
-        before = clock.run(f"{tag}/eval_before", evaluate.score, before_vlm, processor, heldout,
-                           max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch)
-        _say(evaluate.table({"before": before}))
+        for tags in s.task_tags:
+            key = variant_name(merge, tags)
+            summary["runs"][key], final[key] = _train_and_score(s, clock, workdir, corpus, tok, heldout, seen, prior,
+                                                                budget, merge, tags)
 
-        prev, stage_times, curve = "", {}, []
-        for stage, steps in zip((1, 2, 3), s.steps):
-            if steps <= 0:
-                continue
-            cfg = recipe.stage_config(
-                stage, model, tokenizer=corpus.tokenizer, sources=_sources(stage, corpus, s.text_share, s.read_share),
-                tasks=s.families, steps=steps, batch=s.batch, seq_len=_seq_len(s, model), lr=s.lr, seed=s.seed,
-                init_from=prev, train_sam=s.train_sam, pack=True, images_per_row=s.images_per_row)
-            wd = os.path.join(run_dir, f"stage{stage}")
-            _say(f"\n{STAGE_NAMES[stage]}: {steps} steps of {s.batch} rows x {cfg.seq_len} tokens, trains "
-                 f"{', '.join(cfg.trainable)}"
-                 + (" (SAM too: nothing here is pretrained; see dsvl_jax/demo/recipe.py)" if "sam" in cfg.trainable
-                    else ""))
-            chunk = s.eval_every if stage == 3 and s.eval_every else 0
-            name = f"{tag}/stage{stage}"
-            out, walls, cpus = {}, 0.0, 0.0
-            while int(out.get("step", 0)) < steps:
-                cfg.debug.stop_after = chunk  # 0: to the end; else stop, score, resume (same schedule)
-                out = clock.run(name, train, cfg, wd)
-                walls, cpus = walls + clock.phases[name]["wall_s"], cpus + clock.phases[name]["cpu_s"]
-                if chunk:
-                    sc = evaluate.score(VLM(*load_orbax_params(wd)), processor, heldout,
-                                        max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch)
-                    point = {"stage3_step": int(out["step"]), "demo_wall_s": clock.total,
-                             "train_wall_s": sum(t["wall_s"] for t in stage_times.values()) + walls,
-                             "mean": sc.mean, "per_family": sc.per_family}
-                    curve.append(point)
-                    _say(f"  stage 3 step {point['stage3_step']}: mean exact match {100 * sc.mean:.1f}% after "
-                         f"{point['demo_wall_s']:.0f}s of demo")
-            clock.phases[name] = stage_times[stage] = {"wall_s": walls, "cpu_s": cpus}
-            _say(f"{STAGE_NAMES[stage]}: loss {out.get('loss', float('nan')):.3f}, {walls:.0f}s wall")
-            prev = wd
-        cfg_loaded, params = load_orbax_params(prev)
-        vlm = VLM(cfg_loaded, params)
-        after = clock.run(f"{tag}/eval_after", evaluate.score, vlm, processor, heldout,
-                          max_new_tokens=s.max_new_tokens, batch_size=s.eval_batch)
-        _say(f"\nexact match on {len(heldout)} held-out requests (token_merge={merge}):")
-        _say(evaluate.table({"before": before, "no-image guess": prior, "after": after}))
-        train_wall = sum(t["wall_s"] for t in stage_times.values())
-        summary["runs"][tag] = {
-            "num_image_tokens": model.num_image_tokens, "before": before.as_dict(), "after": after.as_dict(),
-            "stage_seconds": {str(k): v for k, v in stage_times.items()}, "train_wall_s": train_wall,
-            "eval_s_per_request": after.seconds / max(1, len(heldout)), "checkpoint": os.path.join(prev, "checkpoints"),
-            "curve": curve, "examples": [p for p in after.predictions[:12]]}
-        final[merge] = (vlm, processor, after, train_wall)
-
-    if len(final) == 2:
+    merges = {k: v for k, v in final.items() if not v.tags}
+    if len(merges) == 2:
         _say("\nvisual-token compression (2x2 merge) on the same data and steps:")
-        _say(evaluate.table({f"merge {k} ({final[k][0].config.num_image_tokens} tok)": final[k][2] for k in final}))
-        for k, (_, _, sc, wall) in final.items():
-            _say(f"  token_merge={k}: training {wall:.0f}s wall, scoring {1000 * sc.seconds / len(heldout):.0f} ms "
-                 "per request (compile included)")
+        _say(evaluate.table({f"merge {v.merge} ({v.vlm.config.num_image_tokens} tok)": v.after
+                             for v in merges.values()}))
+        for v in merges.values():
+            _say(f"  token_merge={v.merge}: training {v.train_wall:.0f}s wall, scoring "
+                 f"{1000 * v.after.seconds / len(heldout):.0f} ms per request (compile included)")
+    for merge in s.token_merge:
+        pair = [final.get(variant_name(merge, t)) for t in (False, True)]
+        if all(pair):
+            _say(f"\ntask-tag prompting (token_merge={merge}), same data and steps:")
+            _say(evaluate.table({"without tags": pair[0].after, "with tags": pair[1].after}))
 
-    if s.check_transformers and 1 in final:
-        summary["transformers"] = _transformers_step(clock, workdir, corpus, final[1][0], final[1][1], heldout)
+    plain = final.get(variant_name(1, False)) or final.get(variant_name(1, True))
+    if s.check_transformers and plain is not None:
+        summary["transformers"] = _transformers_step(clock, workdir, corpus, plain, heldout, budget)
     elif s.check_transformers:
         _say("\ntransformers check skipped: the HF port has no 2x2 token merge, so it needs a token_merge=1 run")
+
+    shown = plain or next(iter(final.values()))
+    columns = {"before": shown.before, "no-image guess": prior, "images shuffled": shown.shuffled,
+               "after": shown.after}
+    if "transformers_scores" in summary.get("transformers", {}):
+        columns["transformers (export)"] = summary["transformers"]["transformers_scores"]
+    summary["report"] = report.write_report(
+        os.path.join(workdir, "report.png"), curve=shown.curve, families=list(shown.after.per_family),
+        columns={k: v.per_family for k, v in columns.items()},
+        examples=_grid_examples(heldout, shown.after),
+        title=f"dsvl_jax demo: {shown.key}, {sum(s.steps)} steps, {len(heldout)} held-out requests")
+    _say(f"\nreport: {summary['report']}")
+    if "transformers_scores" in summary.get("transformers", {}):
+        summary["transformers"]["transformers_scores"] = summary["transformers"]["transformers_scores"].as_dict()
 
     summary["phases"] = clock.phases
     summary["total_wall_s"] = clock.total
@@ -199,26 +175,132 @@ def run(s: Settings) -> dict:
     return summary
 
 
-def _transformers_step(clock, workdir, corpus, vlm, processor, heldout) -> dict:
-    from dsvl_jax.demo import hf_check
+@dataclasses.dataclass
+class Variant:
+    """One trained model of the demo and its scores."""
 
+    key: str
+    merge: int
+    tags: bool
+    vlm: object
+    processor: object
+    before: object
+    after: object
+    shuffled: object
+    seen: object
+    curve: list
+    train_wall: float
+
+
+def variant_name(merge: int, tags: bool) -> str:
+    return f"merge{merge}" + ("_tags" if tags else "")
+
+
+def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, seen, prior, budget, merge: int,
+                     tags: bool) -> tuple[dict, Variant]:
+    """Stages 1 → 2 → 3 of one variant (token merge, task-tag prompting), scored before, during and after."""
+    model = recipe.demo_model(tok.vocab_size, tok.image_token_id, merge, _size(s))
+    processor = Processor(tok, model, system_prompt=data.SYSTEM_PROMPT)
+    key = variant_name(merge, tags)
+    _say(f"\n=== {key}: {model.num_image_tokens} visual tokens per image "
+         f"({'2x2-merged' if merge == 2 else 'unmerged'}), task tags "
+         f"{'in stages ' + ', '.join(map(str, s.tag_stages)) + ' and at inference' if tags else 'off'} ===")
+    run_dir = os.path.join(workdir, key)
+    os.makedirs(run_dir, exist_ok=True)
+    ev = dict(max_new_tokens=budget, batch_size=s.eval_batch, task_tag=tags)
+    before = clock.run(f"{key}/eval_before", evaluate.score, VLM(model, _fresh_params(model, s.seed)), processor,
+                       heldout, **ev)
+    _say(evaluate.table({"before": before}))
+
+    prev, stage_times, curve = "", {}, []
+    for stage, steps in zip((1, 2, 3), s.steps):
+        if steps <= 0:
+            continue
+        cfg = recipe.stage_config(
+            stage, model, tokenizer=corpus.tokenizer, sources=_sources(stage, corpus, s.text_share, s.read_share),
+            tasks=s.families, steps=steps, batch=s.batch, seq_len=_seq_len(s, model), lr=s.lr, seed=s.seed,
+            init_from=prev, train_sam=s.train_sam, pack=True, images_per_row=s.images_per_row,
+            task_tags=tags and stage in s.tag_stages)
+        wd = os.path.join(run_dir, f"stage{stage}")
+        _say(f"\n{STAGE_NAMES[stage]}: {steps} steps of {s.batch} rows x {cfg.seq_len} tokens, trains "
+             f"{', '.join(cfg.trainable)}"
+             + (" (SAM too: nothing here is pretrained; see dsvl_jax/demo/recipe.py)" if "sam" in cfg.trainable
+                else ""))
+        chunk = s.eval_every if stage == 3 and s.eval_every else 0
+        name = f"{key}/stage{stage}"
+        out, walls, cpus = {}, 0.0, 0.0
+        while int(out.get("step", 0)) < steps:
+            cfg.debug.stop_after = chunk  # 0: to the end; else stop, score, resume (same schedule)
+            out = clock.run(name, train, cfg, wd)
+            walls, cpus = walls + clock.phases[name]["wall_s"], cpus + clock.phases[name]["cpu_s"]
+            if chunk:
+                sc = evaluate.score(VLM(*load_orbax_params(wd)), processor, heldout, **ev)
+                point = {"stage3_step": int(out["step"]), "demo_wall_s": clock.total,
+                         "train_wall_s": sum(t["wall_s"] for t in stage_times.values()) + walls,
+                         "mean": sc.mean, "per_family": sc.per_family}
+                curve.append(point)
+                _say(f"  stage 3 step {point['stage3_step']}: mean exact match {100 * sc.mean:.1f}% after "
+                     f"{point['demo_wall_s']:.0f}s of demo")
+        clock.phases[name] = stage_times[stage] = {"wall_s": walls, "cpu_s": cpus}
+        _say(f"{STAGE_NAMES[stage]}: loss {out.get('loss', float('nan')):.3f}, {walls:.0f}s wall")
+        prev = wd
+    vlm = VLM(*load_orbax_params(prev))
+    after = clock.run(f"{key}/eval_after", evaluate.score, vlm, processor, heldout, **ev)
+    shuffled = clock.run(f"{key}/eval_shuffled", evaluate.score, vlm, processor,
+                         evaluate.with_shuffled_images(heldout, s.seed), **ev)
+    seen_scores = clock.run(f"{key}/eval_seen", evaluate.score, vlm, processor, seen, **ev)
+    _say(f"\nexact match on {len(heldout)} held-out requests ({key}). 'images shuffled': each request shown "
+         f"another one's picture; 'train (seen)': {len(seen)} requests trained on:")
+    _say(evaluate.table({"before": before, "no-image guess": prior, "images shuffled": shuffled, "after": after,
+                         "train (seen)": seen_scores}))
+    train_wall = sum(t["wall_s"] for t in stage_times.values())
+    record = {
+        "num_image_tokens": model.num_image_tokens, "task_tags": tags, "before": before.as_dict(),
+        "after": after.as_dict(), "images_shuffled": shuffled.as_dict(), "train_seen": seen_scores.as_dict(),
+        "stage_seconds": {str(k): v for k, v in stage_times.items()}, "train_wall_s": train_wall,
+        "eval_s_per_request": after.seconds / max(1, len(heldout)), "checkpoint": os.path.join(prev, "checkpoints"),
+        "curve": curve, "examples": [p for p in after.predictions[:12]]}
+    return record, Variant(key, merge, tags, vlm, processor, before, after, shuffled, seen_scores, curve, train_wall)
+
+
+def _grid_examples(heldout, scores, n: int = 12) -> list[tuple]:
+    """(image, question, prediction, truth, correct) for the report's grid: two per family where possible."""
+    rows = {r[0]: r for r in scores.predictions}
+    picked, per_family = [], {}
+    for e in heldout:
+        if per_family.get(e.task, 0) < max(1, n // 6) and len(picked) < n:
+            per_family[e.task] = per_family.get(e.task, 0) + 1
+            _, _, pred, truth, ok = rows[e.id]
+            picked.append((e.image, e.question, pred, truth, bool(ok)))
+    return picked
+
+
+def _transformers_step(clock, workdir, corpus, variant: Variant, heldout, budget: int) -> dict:
     missing = hf_check.transformers_available()
     if missing:
         _say(f"\ntransformers check skipped: transformers/torch not importable ({missing}); "
              "`pip install -e .[test]` (what `make demo` does) brings them")
         return {"skipped": missing}
-    folder = clock.run("export", hf_check.export, vlm, os.path.dirname(corpus.tokenizer),
+    folder = clock.run("export", hf_check.export, variant.vlm, os.path.dirname(corpus.tokenizer),
                        os.path.join(workdir, "hf_export"))
-    _say(f"\nexported the token_merge=1 model to {folder}: {', '.join(hf_check.folder_files(folder))}")
+    _say(f"\nexported {variant.key} to {folder}: {', '.join(hf_check.folder_files(folder))}")
     example = heldout[0]
-    res = clock.run("transformers", hf_check.answer_with_transformers, folder, vlm, processor, example)
+    res = clock.run("transformers", hf_check.answer_with_transformers, folder, variant.vlm, variant.processor,
+                    example, max_new_tokens=budget)
     _say(f"held-out question: {res.question!r} (suite answer {res.expected!r})")
     _say(f"  dsvl_jax (Processor + VLM.generate):                 {res.ours!r}")
     _say(f"  transformers (AutoProcessor + generate, export only): {res.transformers!r}")
     _say(f"  equal: {res.same_answer}; on identical inputs: token ids equal {res.same_tokens}, "
          f"max |Δ logit| {res.max_logit_diff:.1e}")
+    # The whole held-out split through transformers alone, with the plain prompt (system + question, no tag).
+    preds = clock.run("transformers_scores", hf_check.score_with_transformers, folder, heldout,
+                      max_new_tokens=budget)
+    hf_scores = evaluate.score_predictions(heldout, preds, clock.phases["transformers_scores"]["wall_s"])
+    _say(f"\nthe export scored by transformers alone (AutoProcessor + AutoModelForImageTextToText, greedy, plain "
+         f"prompt) on the {len(heldout)} held-out requests:")
+    _say(evaluate.table({"dsvl_jax": variant.after, "transformers (export)": hf_scores}))
     return dataclasses.asdict(res) | {"same_answer": res.same_answer, "same_tokens": res.same_tokens,
-                                      "folder": folder}
+                                      "folder": folder, "transformers_scores": hf_scores}
 
 
 def _size(s: Settings) -> ModelSize:
@@ -230,10 +312,6 @@ def _size(s: Settings) -> ModelSize:
 
 def _fresh_params(model, seed: int):
     """The params stage 1 starts from (the trainer's init with the same seed), on the host."""
-    import jax
-
-    from dsvl_jax import sharding
-    from dsvl_jax.state import init_params
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     return jax.device_get(init_params(model, mesh, seed))
 

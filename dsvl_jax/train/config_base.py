@@ -45,6 +45,7 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
         max_examples_per_row=16,
         long_examples="split",
         tasks=(),  # task tags beyond the pipeline's defaults
+        task_tag_prompt=False,  # put each conversation's task tag ("[chart] ") in front of its instruction
         workers=0,
         shard_count=0,  # disjoint data shards, a multiple of the process count (0 = one per process); fixing
                         # it makes the batches independent of how many hosts read them

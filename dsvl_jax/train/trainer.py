@@ -55,7 +55,7 @@ def data_config(config, sources_key: str = "sources", *, num_epochs=None) -> dat
         pack=d.pack, max_examples_per_row=d.max_examples_per_row, max_images_per_row=d.max_images_per_row,
         long_examples=d.long_examples, tasks=data_loader.DEFAULT_TASKS + tuple(t for t in d.tasks
                                                                            if t not in data_loader.DEFAULT_TASKS),
-        num_epochs=num_epochs, shard_count=d.shard_count)
+        num_epochs=num_epochs, shard_count=d.shard_count, task_tag_prompt=d.task_tag_prompt)
 
 
 def _device_batch(batch, mesh, text_only):
