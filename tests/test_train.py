@@ -64,7 +64,7 @@ def test_stage_chain_trains_exactly_the_paper_sets(corpus, tmp_path):
                 jax.device_get(init_params(model_config(cfg0), mesh, cfg0.seed)), sep="/")
         pats = stages.patterns_for(stage)
         changed = {k for k in after if not np.array_equal(np.asarray(after[k]), np.asarray(before[k]))}
-        trainable = {k for k in after if stages._matches(k, pats) and not stages._matches(k, stages.UNUSED)}
+        trainable = {k for k in after if stages.path_matches(k, pats) and not stages.path_matches(k, stages.UNUSED)}
         assert changed <= trainable, sorted(changed - trainable)[:5]
         # and every trainable tensor moved (step 0 has lr 0 in warm-up; the hd neck gets gradients once the
         # zero-initialised hd alpha has moved at step 1, so 3 steps move everything)

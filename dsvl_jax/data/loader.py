@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import Any, Sequence
 
 import grain
@@ -136,6 +137,13 @@ def _stream_seed(seed: int, modality: int, k: int) -> int:
 
 
 def open_source(src: SourceConfig):
+    if src.generator:
+        module, _, name = src.generator.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"source {src.name!r}: cannot load generator {src.generator!r}: {e}") from None
+        return cls(**src.generator_args)
     return R.tfds_source(src.tfds_dir) if src.tfds_dir else R.array_record_source(src.paths)
 
 

@@ -36,17 +36,27 @@ _PHI = (math.sqrt(5.0) - 1.0) / 2.0
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-    """One corpus: ArrayRecord shards (`paths`: files, a glob or a directory) or a prepared TFDS dir."""
+    """One corpus: ArrayRecord shards (`paths`: files, a glob or a directory), a prepared TFDS dir, or a
+    `generator`: "module:Class" of a random-access source of serialised records built with `generator_args`
+    (records made on demand, e.g. `dsvl_jax.demo.stream.SuiteStream`: data that never repeats)."""
 
     name: str
     paths: str | tuple[str, ...] | None = None
     tfds_dir: str | None = None
     weight: float = 1.0
     modality: str = "multimodal"  # "text" rows carry no images; "multimodal" rows may
+    generator: str | None = None
+    generator_args: dict | None = None
 
     def __post_init__(self):
-        if (self.paths is None) == (self.tfds_dir is None):
-            raise ValueError(f"source {self.name!r}: give exactly one of paths= or tfds_dir=")
+        given = [k for k in ("paths", "tfds_dir", "generator") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"source {self.name!r}: give exactly one of paths=, tfds_dir= or generator= "
+                             f"(got {given or 'none'})")
+        if self.generator is not None and ":" not in self.generator:
+            raise ValueError(f"source {self.name!r}: generator={self.generator!r} must read 'module:Class'")
+        args = self.generator_args
+        object.__setattr__(self, "generator_args", dict(args.to_dict() if hasattr(args, "to_dict") else args or {}))
         if not self.weight > 0:
             raise ValueError(f"source {self.name!r}: weight={self.weight} must be > 0")
         if self.modality not in MODALITIES:

@@ -21,6 +21,14 @@ def parser() -> argparse.ArgumentParser:
                    help="training steps: a total (split 1:1:6 over stages 1, 2, 3) or 'a,b,c' per stage")
     p.add_argument("--families", default=",".join(d.families),
                    help=f"comma-separated task families, from {','.join(tasks.FAMILIES)}")
+    p.add_argument("--stage0", type=int, default=d.stage0, help="steps of stage 0 (every part trained from random "
+                   "weights) before the paper's stages 1-3")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=d.stream,
+                   help="draw multimodal training records on demand (never the same image twice) instead of "
+                   "reading the written pool")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay on matrices")
+    p.add_argument("--lr-mult", default=",".join(f"{k}={v}" for k, v in d.lr_mult),
+                   help="per-group learning-rate factors, e.g. 'sam=2,siglip=2' (groups: adaptor, llm, siglip, sam)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--image-size", type=int, default=d.image_size, help="SAM input size in pixels (≥ 96 is "
                    "legible); SigLIP sees half of it")
@@ -54,7 +62,12 @@ def settings_from_args(argv=None) -> Settings:
         steps = parse_steps(a.steps)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    s = Settings(workdir=a.workdir, steps=steps, families=families, seed=a.seed, image_size=a.image_size,
+    try:
+        lr_mult = tuple((k.strip(), float(v)) for k, v in (kv.split("=") for kv in a.lr_mult.split(",") if kv.strip()))
+    except ValueError:
+        raise SystemExit(f"--lr-mult {a.lr_mult!r}: expected 'group=factor,...'") from None
+    s = Settings(workdir=a.workdir, steps=steps, stage0=a.stage0, stream=a.stream, weight_decay=a.weight_decay,
+                 lr_mult=lr_mult, families=families, seed=a.seed, image_size=a.image_size,
                  token_merge=merges, task_tags=tags, difficulty=a.difficulty, n_train=a.train_size, n_text=max(1, a.train_size // 4),
                  n_eval=a.eval_size, batch=a.batch, lr=a.lr, train_sam=not a.freeze_sam,
                  check_transformers=not a.no_transformers, eval_every=max(0, a.eval_every))

@@ -19,6 +19,7 @@ import dataclasses
 import ml_collections
 
 from dsvl_jax.config import SamConfig, SiglipConfig, TextConfig, VLMConfig
+from dsvl_jax.train import stages
 from dsvl_jax.train.config_base import base
 
 
@@ -62,13 +63,15 @@ def demo_model(vocab_size: int, image_token_id: int, token_merge: int = 1, size:
     )
 
 
-STAGE_GROUPS = {1: ("adaptor",), 2: ("adaptor", "llm"), 3: ("adaptor", "llm", "siglip")}
+# Stage 0 (the demo's own): every group from random weights, to earn what the paper starts from.
+STAGE_GROUPS = {0: tuple(stages.GROUPS), **stages.STAGE_GROUPS}
 
 
 def stage_config(stage: int, model: VLMConfig, *, tokenizer: str, sources: list[dict], tasks: tuple[str, ...],
                  steps: int, batch: int, seq_len: int, lr: float, seed: int, init_from: str = "",
                  train_sam: bool = False, warmup: int = 0, pack: bool = False, mm_warmup: int = 0,
-                 images_per_row: int = 1, task_tags: bool = False) -> ml_collections.ConfigDict:
+                 images_per_row: int = 1, task_tags: bool = False, weight_decay: float = 0.0,
+                 lr_mult: dict | None = None) -> ml_collections.ConfigDict:
     c = base(model)
     c.stage = stage
     groups = STAGE_GROUPS[stage] + (("sam",) if train_sam and stage == 3 else ())
@@ -82,6 +85,8 @@ def stage_config(stage: int, model: VLMConfig, *, tokenizer: str, sources: list[
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = warmup or max(1, steps // 20)
     c.optimizer.end_factor = 0.05
+    c.optimizer.weight_decay = weight_decay
+    c.optimizer.lr_mult = dict(lr_mult or {})
     c.data.tokenizer = tokenizer
     c.data.sources = sources
     c.data.tasks = tuple(tasks)

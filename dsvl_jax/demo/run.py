@@ -27,14 +27,20 @@ from dsvl_jax.runtime import VLM
 from dsvl_jax.state import init_params
 from dsvl_jax.train.trainer import train
 
-CACHE = "jax_cache"  # XLA's persistent compilation cache, inside the workdir
-STAGE_NAMES = {1: "stage 1 (adaptor warm-up)", 2: "stage 2 (joint pretraining)", 3: "stage 3 (SFT)"}
+CACHE = "jax_cache"
+STREAM_STAGE_OFFSET = 10_000_000  # each stage reads its own slice of the endless train stream  # XLA's persistent compilation cache, inside the workdir
+STAGE_NAMES = {0: "stage 0 (every part from scratch)", 1: "stage 1 (adaptor warm-up)",
+               2: "stage 2 (joint pretraining)", 3: "stage 3 (SFT)"}
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     workdir: str = "workdir/demo"
     steps: tuple[int, int, int] = (60, 60, 1000)  # per stage: sized for ~15 min on 2 CPU cores
+    stage0: int = 0  # steps of stage 0: every group from random weights, before the paper's stages
+    stream: bool = False  # multimodal records drawn on demand (`stream.SuiteStream`): no image is seen twice
+    weight_decay: float = 0.0  # AdamW decay on matrices (optimizer.weight_decay)
+    lr_mult: tuple[tuple[str, float], ...] = ()  # per-group learning-rate factors, e.g. (("sam", 2.0),)
     families: tuple[str, ...] = tasks.FAMILIES
     seed: int = 0
     image_size: int = 96
@@ -213,14 +219,14 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
     _say(evaluate.table({"before": before}))
 
     prev, stage_times, curve = "", {}, []
-    for stage, steps in zip((1, 2, 3), s.steps):
+    for stage, steps in [(0, s.stage0)] + list(zip((1, 2, 3), s.steps)):
         if steps <= 0:
             continue
         cfg = recipe.stage_config(
-            stage, model, tokenizer=corpus.tokenizer, sources=_sources(stage, corpus, s.text_share, s.read_share),
+            stage, model, tokenizer=corpus.tokenizer, sources=_sources(stage, corpus, s),
             tasks=s.families, steps=steps, batch=s.batch, seq_len=_seq_len(s, model), lr=s.lr, seed=s.seed,
             init_from=prev, train_sam=s.train_sam, pack=True, images_per_row=s.images_per_row,
-            task_tags=tags and stage in s.tag_stages)
+            task_tags=tags and stage in s.tag_stages, weight_decay=s.weight_decay, lr_mult=dict(s.lr_mult))
         wd = os.path.join(run_dir, f"stage{stage}")
         _say(f"\n{STAGE_NAMES[stage]}: {steps} steps of {s.batch} rows x {cfg.seq_len} tokens, trains "
              f"{', '.join(cfg.trainable)}"
@@ -316,10 +322,20 @@ def _fresh_params(model, seed: int):
     return jax.device_get(init_params(model, mesh, seed))
 
 
-def _sources(stage: int, corpus, text_share: float, read_share: float) -> list[dict]:
+def _sources(stage: int, corpus, s: Settings) -> list[dict]:
     """Stage 1: image–caption pairs. Stage 2: captions and requests with text-only paragraphs mixed in.
-    Stage 3: requests and transcription requests (SFT)."""
-    mm = lambda name, w: dict(name=name, paths=getattr(corpus, name), weight=w, modality="multimodal")  # noqa: E731
+    Stages 0 and 3: requests and transcription requests. Multimodal records come from the written pool, or
+    with `s.stream` from `SuiteStream` (drawn on demand, offset per stage so no stage repeats another's)."""
+    text_share, read_share = s.text_share, s.read_share
+
+    def mm(name, w):
+        if not s.stream:
+            return dict(name=name, paths=getattr(corpus, name), weight=w, modality="multimodal")
+        args = dict(kind=name, families=tuple(s.families), image_size=s.image_size, difficulty=s.difficulty,
+                    seed=s.seed, offset=stage * STREAM_STAGE_OFFSET)
+        return dict(name=name, generator="dsvl_jax.demo.stream:SuiteStream", generator_args=args, weight=w,
+                    modality="multimodal")
+
     if stage == 1:
         return [mm("caption", 1.0)]
     if stage == 2:

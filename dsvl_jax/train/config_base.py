@@ -29,7 +29,8 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
     c.seed = 0
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, schedule="cosine", warmup_steps=128, end_factor=0.1, milestones=(), step_factor=0.1,
-        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip=1.0, mu_dtype="float32"))
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip=1.0, mu_dtype="float32",
+        lr_mult={}))  # per-group learning-rate factors, e.g. {"siglip": 2.0} (groups: adaptor, llm, siglip, sam)
     c.data = ml_collections.ConfigDict(dict(
         tokenizer="",  # tokenizer.json or sentencepiece .model
         sources=[],  # [{name, paths | tfds_dir, weight, modality: text | multimodal}]

@@ -25,13 +25,10 @@ SAM = ("vision/sam/",)
 # Never trained: stored in the checkpoints, never used by the forward pass.
 UNUSED = ("vision/siglip/head/", "vision/high_layer_norm/", "vision/low_layer_norm/")
 
-STAGE_TRAINABLE = {
-    1: ADAPTOR,
-    2: ADAPTOR + LLM,
-    3: ADAPTOR + LLM + SIGLIP,
-}
-
 GROUPS = {"adaptor": ADAPTOR, "llm": LLM, "siglip": SIGLIP, "sam": SAM}
+# The paper's trainable sets, by group name; STAGE_TRAINABLE is the same as path prefixes.
+STAGE_GROUPS = {1: ("adaptor",), 2: ("adaptor", "llm"), 3: ("adaptor", "llm", "siglip")}
+STAGE_TRAINABLE = {stage: sum((GROUPS[g] for g in groups), ()) for stage, groups in STAGE_GROUPS.items()}
 
 
 def patterns_for(stage: int | None, trainable: Sequence[str] = ()) -> tuple:
@@ -48,7 +45,7 @@ def patterns_for(stage: int | None, trainable: Sequence[str] = ()) -> tuple:
     return STAGE_TRAINABLE[stage]
 
 
-def _matches(path: str, patterns: Iterable[str]) -> bool:
+def path_matches(path: str, patterns: Iterable[str]) -> bool:
     for p in patterns:
         if p.startswith("re:"):
             if re.search(p[3:], path):
@@ -61,7 +58,7 @@ def _matches(path: str, patterns: Iterable[str]) -> bool:
 def trainable_mask(params, patterns: Sequence[str]):
     """A tree of bools like `params`: True where the param is trained. Unused params never are."""
     flat = traverse_util.flatten_dict(params, sep="/")
-    mask = {k: _matches(k, patterns) and not _matches(k, UNUSED) for k in flat}
+    mask = {k: path_matches(k, patterns) and not path_matches(k, UNUSED) for k in flat}
     return traverse_util.unflatten_dict(mask, sep="/")
 
 
@@ -79,7 +76,7 @@ def reinit(params, fresh, patterns):
     if not patterns:
         return params
     flat, new = traverse_util.flatten_dict(params, sep="/"), traverse_util.flatten_dict(fresh, sep="/")
-    hit = [k for k in flat if _matches(k, patterns)]
+    hit = [k for k in flat if path_matches(k, patterns)]
     if not hit:
         raise ValueError(f"init.reinit patterns {list(patterns)} match no parameter")
     for k in hit:

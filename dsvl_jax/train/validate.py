@@ -14,13 +14,17 @@ from dsvl_jax.train.config_base import base
 from dsvl_jax.train.stages import GROUPS, UNUSED, count, patterns_for, trainable_mask
 
 
+# Dicts whose keys are data, not config keys: checked by their users (lr_mult: `optimizer.scale_by_group`).
+OPEN_DICTS = ("optimizer.lr_mult",)
+
+
 def _unknown_keys(cfg, ref, prefix=""):
     out = []
     for k in cfg.keys():
         path = f"{prefix}{k}"
         if k not in ref:
             out.append(path)
-        elif k != "model" and hasattr(cfg[k], "keys") and hasattr(ref[k], "keys"):
+        elif path not in OPEN_DICTS and k != "model" and hasattr(cfg[k], "keys") and hasattr(ref[k], "keys"):
             out += _unknown_keys(cfg[k], ref[k], path + ".")
     return out
 
