@@ -35,14 +35,10 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 TARGET_RATIO = 1.5
 
 _MAKE = r"""
-import os, sys
-sys.path.insert(0, {repo!r})
 import jax, flax.linen as nn
 from dsvl_jax import config as C
 from dsvl_jax.convert.export import save_pretrained
@@ -55,8 +51,7 @@ save_pretrained((cfg, params), {dst!r}, layout="hf")
 """
 
 _CONVERT = r"""
-import json, os, resource, sys, time
-sys.path.insert(0, {repo!r})
+import json, resource, time
 def rss_kb(field):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith(field + ":"))
@@ -79,7 +74,7 @@ def weights_bytes(folder: str) -> int:
 
 def run(code: str, **fmt) -> str:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", code.format(repo=REPO, **fmt)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code.format(**fmt)], env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

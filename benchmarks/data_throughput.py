@@ -26,8 +26,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 EXAMPLES_DIR = "/work/shared/data/deepseek_vl_examples"
 SEQ_LEN = 4096
 TOKENS_PER_MM_EXAMPLE = 576 + 100  # one image plus a short caption / paragraph

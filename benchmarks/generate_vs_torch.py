@@ -35,7 +35,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path.insert(0, REPO)  # for tests.helpers (the PyTorch reference), which is not an installed package
 
 
 def model_config(name: str):
@@ -255,7 +255,7 @@ def decode_weight_bytes(name: str) -> int:
     import flax.linen as nn
     from flax import traverse_util
 
-    from dsvl_jax.models.vlm import abstract_params
+    from dsvl_jax.state import abstract_params
     flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(model_config(name))), sep="/")
     return 4 * sum(math.prod(v.shape) for k, v in flat.items()
                    if k.startswith("language_model/") and "embed_tokens" not in k)

@@ -20,17 +20,14 @@ import functools
 import importlib.util
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-
-from dsvl_jax.ops import relpos_attention  # noqa: E402
+from dsvl_jax.ops import relpos_attention
 
 GRID, HEAD_DIM = (64, 64), 64
 MIB = 2 ** 20

@@ -8,7 +8,7 @@ from flax import traverse_util
 
 from dsvl_jax import config as C
 from dsvl_jax.convert import keymap
-from dsvl_jax.models.vlm import abstract_params
+from dsvl_jax.state import abstract_params
 
 
 def _shapes(cfg):

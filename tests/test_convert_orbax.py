@@ -31,7 +31,7 @@ def train_run(tmp_path_factory):
     (Orbax's first save of a sharded state compiles a slice per shard on CPU: the SigLIP-only model and 4
     devices keep that to seconds.)"""
     import grain
-    from dsvl_jax.models.vlm import abstract_params
+    from dsvl_jax.state import abstract_params
     cfg, params = our_params(C.tiny(hybrid=False), "float32", seed=11)
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])
     params = jax.device_put(params, sharding.param_shardings(abstract_params(cfg), mesh))
@@ -120,7 +120,7 @@ def test_written_checkpoint_resumes_in_a_trainer_on_a_mesh(tmp_path):
     a sharded mesh, and `load_orbax_params` reads it too."""
     import flax.linen as nn
     from dsvl_jax.convert.export import save_pretrained
-    from dsvl_jax.models.vlm import abstract_params
+    from dsvl_jax.state import abstract_params
     cfg, params = our_params(C.tiny(hybrid=False), "bfloat16", seed=2)
     hf = save_pretrained((cfg, params), str(tmp_path / "hf"), layout="hf")
     run = str(tmp_path / "run")

@@ -49,7 +49,7 @@ def our_params(cfg, dtype, seed=0):
     """Params shaped by our model (`jax.eval_shape` of its init, in `dtype`) with random values: norms
     near 1, everything else (hd alpha, rel-pos tables, biases) away from zero."""
     import jax.numpy as jnp
-    from dsvl_jax.convert.load import param_shapes
+    from dsvl_jax.state import param_shapes
     cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
     rng = np.random.default_rng(seed)
     out = {}

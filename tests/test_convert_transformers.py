@@ -11,7 +11,7 @@ import torch
 from dsvl_jax import config as C
 from dsvl_jax.convert.cli import main as cli
 from dsvl_jax.convert.export import save_pretrained
-from dsvl_jax.vlm import VLM
+from dsvl_jax.runtime import VLM
 from tests.helpers import torch_ref as R
 from tests.test_convert_roundtrip import our_params
 

@@ -87,8 +87,8 @@ def test_transformers_answers_the_batch_as_we_do(tmp_path):
     from dsvl_jax.demo import data, evaluate, recipe
     from dsvl_jax.processing.processor import Processor
     from dsvl_jax.processing.tokenizer_build import build_bpe_tokenizer
-    from dsvl_jax.train.state import init_params
-    from dsvl_jax.vlm import VLM
+    from dsvl_jax.state import init_params
+    from dsvl_jax.runtime import VLM
 
     heldout = tasks.make_split("heldout", 6, ("scene", "chart", "document"), 96, 0)
     tok_dir = str(tmp_path / "tokenizer")

@@ -26,13 +26,12 @@ from flax import traverse_util
 
 from dsvl_jax import sharding
 from dsvl_jax.config import SamConfig, SiglipConfig, TextConfig, deepseek_vl_1p3b, deepseek_vl_7b, tiny
-from dsvl_jax.models.vlm import DeepseekVL, abstract_params
-from dsvl_jax.train import flops, stages
+from dsvl_jax.models.vlm import DeepseekVL
+from dsvl_jax.state import abstract_params, abstract_state, init_params, make_state, param_shardings
+from dsvl_jax.train import aot, flops, stages
 from dsvl_jax.train.config_base import base
 from dsvl_jax.train.optimizer import make_optimizer
-from dsvl_jax.train.state import init_params, make_state, param_shardings
 from dsvl_jax.train.step import make_train_step
-from tests.helpers.repo_tools import aot_tool
 
 
 def one_device_mesh():
@@ -42,14 +41,13 @@ def one_device_mesh():
 def step_and_inputs(cfg, patterns, *, batch, seq_len, images, text_only=False, grad_accum=1, loss_chunk=512,
                     num_tasks=1):
     """The trainer's jitted step and abstract (state, batch) on a one-device mesh."""
-    aot = aot_tool()
     mesh = one_device_mesh()
     _, abstract = param_shardings(cfg, mesh)
     mask = stages.trainable_mask(abstract, patterns)
     tx, lr_fn = make_optimizer(base(cfg).optimizer, 100, mask)
     step = make_train_step(DeepseekVL(cfg), tx, mask, lr_fn, num_tasks=num_tasks, grad_accum=grad_accum,
                            loss_chunk=loss_chunk, text_only=text_only)
-    state = aot.abstract_state(cfg, tx, mask, mesh)
+    state = abstract_state(cfg, mesh, tx, mask)
     inputs = aot.abstract_batch(cfg, mesh, batch, seq_len, images, text_only)
     return mesh, jax.jit(step, donate_argnums=0), state, inputs
 
@@ -235,7 +233,7 @@ def single_trip_params():
 
 def _real_batch(cfg, mesh, b, t, images, text_only):
     out = {}
-    for k, v in aot_tool().abstract_batch(cfg, mesh, b, t, images, text_only).items():
+    for k, v in aot.abstract_batch(cfg, mesh, b, t, images, text_only).items():
         out[k] = jax.device_put(np.zeros(v.shape, v.dtype), v.sharding)
     return out
 

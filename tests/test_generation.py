@@ -10,9 +10,9 @@ import torch
 
 from dsvl_jax import config as C
 from dsvl_jax.convert.load import load_pretrained
+from dsvl_jax.errors import InputError
 from dsvl_jax.generation.engine import Generator
 from dsvl_jax.generation.inputs import bucket_images, bucket_length, bucket_new_tokens
-from dsvl_jax.vlm import InputError
 from tests.helpers import torch_ref as R
 from tests.helpers.compile_counter import CompileCounter
 

@@ -29,7 +29,7 @@ from dsvl_jax.models.vlm import DeepseekVL, dummy_inputs
 from dsvl_jax.processing.chat import EOS_TOKEN, IMAGE_TAG
 from dsvl_jax.processing.processor import Processor
 from dsvl_jax.processing.tokenizer_build import build_bpe_tokenizer
-from dsvl_jax.vlm import VLM
+from dsvl_jax.runtime import VLM
 
 IMAGE_SIZE = 64
 SEQ_LEN = 192

@@ -54,7 +54,7 @@ def test_stage_chain_trains_exactly_the_paper_sets(corpus, tmp_path):
         train(_cfg(corpus, f"stage{stage}", total_steps=3, **kw), wd)
         after = _params(wd)
         if before is None:  # stage 1 starts from the seed's init: recreate it for the comparison
-            from dsvl_jax.train.state import init_params
+            from dsvl_jax.state import init_params
             from dsvl_jax import sharding
             import jax
             mesh = sharding.make_mesh(-1, 1, 1)

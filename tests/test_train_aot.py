@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers.repo_tools import ROOT, aot_tool
+from dsvl_jax.state import abstract_state
+from dsvl_jax.train import aot
+from dsvl_jax.train.config_files import load_config
 
 # Only compiling: let several processes load libtpu (else its lockfile makes concurrent runs fail).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -20,13 +22,13 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed"),
 ]
 
-TINY = os.path.join(ROOT, "configs", "tiny.py")
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 
 
 def tiny_stage2():
     """configs/tiny.py:stage2 cut to 2 SAM blocks (one windowed, one global) and one LM layer: every code
     path still compiles, in a fraction of the time."""
-    config = aot_tool().load_config(TINY + ":stage2")
+    config = load_config(TINY + ":stage2")
     config.model.sam.num_hidden_layers = 2
     config.model.sam.global_attn_indexes = (1,)
     config.model.text.num_hidden_layers = 1
@@ -43,23 +45,22 @@ def _shard_bytes(tree) -> int:
 
 
 def test_tiny_train_step_compiles_for_v5p_with_memory_and_flops():
-    tool = aot_tool()
     config = tiny_stage2()
-    plan = tool.compile_plan(config, "v5p:2x2x1", (1, -1, 1), batch=8, seq_len=96, sam_impl="blockwise",
+    plan = aot.compile_plan(config, "v5p:2x2x1", (1, -1, 1), batch=8, seq_len=96, sam_impl="blockwise",
                              count_jaxpr=False)
     assert (plan.chips, plan.devices, plan.mesh["fsdp"]) == (4, 4, 4)
     # Every chip holds its shards of the state and of the batch as arguments (TPU tiling may pad them).
     from dsvl_jax import sharding
     from dsvl_jax.train import stages, validate
     from dsvl_jax.train.optimizer import make_optimizer
-    from dsvl_jax.train.state import param_shardings
-    devices, _, _ = tool.describe_topology("v5p:2x2x1")
+    from dsvl_jax.state import param_shardings
+    devices, _, _ = aot.describe_topology("v5p:2x2x1")
     mesh = sharding.make_mesh(1, -1, 1, devices=devices)
     cfg = validate.model_config(config).replace(sam_attention_impl="blockwise")
     mask = stages.trainable_mask(param_shardings(cfg, mesh)[1], stages.patterns_for(2))
     tx, _ = make_optimizer(config.optimizer, config.total_steps, mask)
-    state = tool.abstract_state(cfg, tx, mask, mesh)
-    batch = tool.abstract_batch(cfg, mesh, 8, 96, config.data.max_images_per_row, False)
+    state = abstract_state(cfg, mesh, tx, mask)
+    batch = aot.abstract_batch(cfg, mesh, 8, 96, config.data.max_images_per_row, False)
     assert plan.argument_gib * 2 ** 30 >= _shard_bytes(state) + _shard_bytes(batch)
     assert plan.temp_gib > 0 and plan.fits and plan.total_gib < plan.hbm_gib == 95
     assert plan.alias_gib > 0  # the state is donated, as the trainer donates it
@@ -69,13 +70,12 @@ def test_tiny_train_step_compiles_for_v5p_with_memory_and_flops():
     assert plan.model_flops_causal < plan.model_flops <= plan.hardware_flops
     assert plan.peak_flops_per_device == 459e12
     assert plan.step_time_for_mfu(0.5) == pytest.approx(plan.model_flops / (0.5 * 4 * 459e12))
-    text = tool.format_plan(plan, step_time=1.0)
+    text = aot.format_plan(plan, step_time=1.0)
     assert "fits" in text and "MFU" in text
 
 
 def test_sam_pallas_kernel_compiles_inside_the_train_step_on_one_chip():
-    tool = aot_tool()
-    plan = tool.compile_plan(tiny_stage2(), "v5p:2x2x1", (1, 1, 1), batch=2, seq_len=96,
+    plan = aot.compile_plan(tiny_stage2(), "v5p:2x2x1", (1, 1, 1), batch=2, seq_len=96,
                              sam_impl="pallas", count_jaxpr=False, use_chips=1)
     assert plan.devices == 1 and plan.fits
     hlo = plan.compiled.as_text()
@@ -84,27 +84,25 @@ def test_sam_pallas_kernel_compiles_inside_the_train_step_on_one_chip():
 
 def test_sam_pallas_kernel_compiles_inside_the_sharded_train_step():
     """The Mosaic kernel runs per shard (shard_map over images and heads) inside a 4-chip train step."""
-    tool = aot_tool()
-    tool.compile_plan(tiny_stage2(), "v5p:2x2x1", (1, -1, 1), batch=8, seq_len=96,
+    aot.compile_plan(tiny_stage2(), "v5p:2x2x1", (1, -1, 1), batch=8, seq_len=96,
                       sam_impl="pallas", count_jaxpr=False)
 
 
 def test_bad_arguments_name_the_flag():
-    tool = aot_tool()
-    config = tool.load_config(TINY + ":stage2")
+    config = load_config(TINY + ":stage2")
     with pytest.raises(SystemExit, match="--topology"):
-        tool.describe_topology("v9z:2x2")
+        aot.describe_topology("v9z:2x2")
     with pytest.raises(SystemExit, match="--mesh"):
-        tool.parse_mesh("data=1,model=2", config)
+        aot.parse_mesh("data=1,model=2", config)
     with pytest.raises(SystemExit, match="--batch 6"):
-        tool.compile_plan(config, "v5p:2x2x1", (1, -1, 1), batch=6, sam_impl="blockwise")
-    with pytest.raises(SystemExit, match="no file"):
-        tool.load_config("configs/nope.py:stage1")
+        aot.compile_plan(config, "v5p:2x2x1", (1, -1, 1), batch=6, sam_impl="blockwise")
+    with pytest.raises(SystemExit, match="--config configs/nope.py:stage1: no file"):
+        aot.main(["--config", "configs/nope.py:stage1", "--topology", "v5p:2x2x1"])
 
 
 def test_help_states_the_measured_7b_figures(capsys):
     with pytest.raises(SystemExit) as e:
-        aot_tool().main(["--help"])
+        aot.main(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "--config configs/deepseek_vl_7b.py:stage2 --topology v5p:4x4x8" in text

@@ -20,10 +20,21 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU; never try to run on one (set before jax loads)
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles may hold libtpu at once
+
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, Mesh  # noqa: E402
+
+from dsvl_jax import sharding  # noqa: E402
+from dsvl_jax.train import aot  # noqa: E402
+from dsvl_jax.train.config_files import config_module  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLICES = os.path.join(REPO, "configs", "tpu")
@@ -31,16 +42,14 @@ SLICES = os.path.join(REPO, "configs", "tpu")
 
 def slice_files() -> dict[str, str]:
     return {os.path.basename(p)[:-3]: p for p in sorted(glob.glob(os.path.join(SLICES, "*.py")))
-            if os.path.basename(p) not in ("common.py", "__init__.py")}
+            if os.path.basename(p) != "__init__.py"}
 
 
 def entries(only: list[str] | None = None) -> list[tuple[str, str]]:
     """(slice name, variant) pairs: all of them, or those named as slice[:variant]."""
-    sys.path.insert(0, SLICES)
-    from common import load_file
     files, out = slice_files(), []
     for name, path in files.items():
-        for variant in load_file(path).LAYOUTS:
+        for variant in config_module(path).LAYOUTS:
             out.append((name, variant))
     if only:
         wanted = []
@@ -61,12 +70,6 @@ def _mesh_over_tensorcores():
     `dsvl_jax.sharding.make_mesh`, insists on one device a chip (megacore: what a v4 VM runs). For the
     compile only, lay the mesh over the TensorCores in device order when make_mesh refuses; a chip's two
     programs together stand for its megacore program (aot_compile adds their memory up per chip)."""
-    import math
-
-    import numpy as np
-    from jax.sharding import AxisType, Mesh
-
-    from dsvl_jax import sharding
     strict = sharding.make_mesh
 
     def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
@@ -85,13 +88,8 @@ def _mesh_over_tensorcores():
 
 def compile_one(name: str, variant: str, mfu: float) -> dict:
     """Compile one variant in this process; the figures as a dict."""
-    sys.path.insert(0, REPO)
-    sys.path.insert(0, SLICES)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from common import load_file
-    from tools import aot_compile as aot
     _mesh_over_tensorcores()
-    mod = load_file(slice_files()[name])
+    mod = config_module(slice_files()[name])
     config = mod.get_config(variant)
     sam = config.model.get("sam") is not None
     row = dict(slice=name, variant=variant, accelerator=mod.ACCELERATOR, topology=mod.TOPOLOGY,

@@ -13,20 +13,14 @@ time assumes 40% MFU, see tpu/compile_all.py; FLOPs from dsvl_jax.train.flops):
   (libtpu describes v4 per TensorCore, so the compile lays FSDP over 8 TensorCores and adds each chip's
   two programs up; on the VM JAX runs one megacore device a chip and the mesh is fsdp=4.)
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("dsvl_tpu_common",
-                                               os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from dsvl_jax.train.config_files import Layout, slice_config
 
 ACCELERATOR = "v4-8"
 TOPOLOGY = "v4:2x2x1"
 LAYOUTS = {
-    "1p3b_stage2": common.Layout(mesh=(1, -1, 1), grad_accum=64, remat="full"),  # 1,024 x 4,096: 16 live, 4 a chip
+    "1p3b_stage2": Layout(mesh=(1, -1, 1), grad_accum=64, remat="full"),  # 1,024 x 4,096: 16 live, 4 a chip
 }
 
 
 def get_config(arg: str = "1p3b_stage2"):
-    return common.slice_config(arg, LAYOUTS)
+    return slice_config(arg, LAYOUTS, __file__)

@@ -11,20 +11,14 @@ time assumes 40% MFU, see tpu/compile_all.py; FLOPs from dsvl_jax.train.flops):
       15.1 of 16 GiB a chip (arguments 1.7, temporaries 13.4); 4.81e+16 model FLOP/step
       at 40% MFU: 38.1 s/step, 6,874 tokens/s/chip (HFU 51%); the paper's 96,000 steps in 42.4 days
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("dsvl_tpu_common",
-                                               os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from dsvl_jax.train.config_files import Layout, slice_config
 
 ACCELERATOR = "v5litepod-16"
 TOPOLOGY = "v5e:4x4"
 LAYOUTS = {
-    "1p3b_stage2": common.Layout(mesh=(1, -1, 1), grad_accum=64, remat="full"),  # 1,024 x 4,096: 16 live, 1 a chip
+    "1p3b_stage2": Layout(mesh=(1, -1, 1), grad_accum=64, remat="full"),  # 1,024 x 4,096: 16 live, 1 a chip
 }
 
 
 def get_config(arg: str = "1p3b_stage2"):
-    return common.slice_config(arg, LAYOUTS)
+    return slice_config(arg, LAYOUTS, __file__)

@@ -12,20 +12,14 @@ time assumes 40% MFU, see tpu/compile_all.py; FLOPs from dsvl_jax.train.flops):
       8.8 of 16 GiB a chip (arguments 0.8, temporaries 7.9); 4.39e+17 model FLOP/step
       at 40% MFU: 21.7 s/step, 1,696 tokens/s/chip (HFU 51%); the paper's 42,000 steps in 10.6 days
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("dsvl_tpu_common",
-                                               os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from dsvl_jax.train.config_files import Layout, slice_config
 
 ACCELERATOR = "v5litepod-256"
 TOPOLOGY = "v5e:16x16"
 LAYOUTS = {
-    "7b_stage2": common.Layout(mesh=(1, -1, 1), grad_accum=9, remat="full"),  # 2,304 rows x 4,096: 256 live, 1 a chip
+    "7b_stage2": Layout(mesh=(1, -1, 1), grad_accum=9, remat="full"),  # 2,304 rows x 4,096: 256 live, 1 a chip
 }
 
 
 def get_config(arg: str = "7b_stage2"):
-    return common.slice_config(arg, LAYOUTS)
+    return slice_config(arg, LAYOUTS, __file__)

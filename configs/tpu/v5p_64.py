@@ -17,22 +17,16 @@ time assumes 40% MFU, see tpu/compile_all.py; FLOPs from dsvl_jax.train.flops):
       50.3 of 95 GiB a chip (arguments 3.0, temporaries 47.0); 4.95e+16 model FLOP/step
       at 40% MFU: 8.4 s/step, 3,889 tokens/s/chip (HFU 42%); the paper's 10,000 steps in 1.0 days
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("dsvl_tpu_common",
-                                               os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from dsvl_jax.train.config_files import Layout, slice_config
 
 ACCELERATOR = "v5p-64"
 TOPOLOGY = "v5p:4x4x2"
 LAYOUTS = {
-    "7b_stage1": common.Layout(mesh=(1, -1, 1), grad_accum=1),  # 256 rows x 1,024 tokens, all live: 8 a chip
-    "7b_stage2": common.Layout(mesh=(1, -1, 1), grad_accum=36),  # 2,304 rows x 4,096: 64 live, 2 a chip
-    "7b_stage3": common.Layout(mesh=(1, -1, 1), grad_accum=4),  # 256 rows x 4,096: 64 live, 2 a chip
+    "7b_stage1": Layout(mesh=(1, -1, 1), grad_accum=1),  # 256 rows x 1,024 tokens, all live: 8 a chip
+    "7b_stage2": Layout(mesh=(1, -1, 1), grad_accum=36),  # 2,304 rows x 4,096: 64 live, 2 a chip
+    "7b_stage3": Layout(mesh=(1, -1, 1), grad_accum=4),  # 256 rows x 4,096: 64 live, 2 a chip
 }
 
 
 def get_config(arg: str = "7b_stage2"):
-    return common.slice_config(arg, LAYOUTS)
+    return slice_config(arg, LAYOUTS, __file__)

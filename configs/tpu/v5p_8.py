@@ -11,20 +11,14 @@ time assumes 40% MFU, see tpu/compile_all.py; FLOPs from dsvl_jax.train.flops):
       82.2 of 95 GiB a chip (arguments 6.6, temporaries 75.5); 4.81e+16 model FLOP/step
       at 40% MFU: 65.5 s/step, 16,015 tokens/s/chip (HFU 44%); the paper's 96,000 steps in 72.7 days
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("dsvl_tpu_common",
-                                               os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from dsvl_jax.train.config_files import Layout, slice_config
 
 ACCELERATOR = "v5p-8"
 TOPOLOGY = "v5p:2x2x1"
 LAYOUTS = {
-    "1p3b_stage2": common.Layout(mesh=(1, -1, 1), grad_accum=32),  # 1,024 rows x 4,096: 32 live, 8 a chip
+    "1p3b_stage2": Layout(mesh=(1, -1, 1), grad_accum=32),  # 1,024 rows x 4,096: 32 live, 8 a chip
 }
 
 
 def get_config(arg: str = "1p3b_stage2"):
-    return common.slice_config(arg, LAYOUTS)
+    return slice_config(arg, LAYOUTS, __file__)

@@ -14,6 +14,14 @@ import re
 import sys
 from typing import Optional
 
+import jax
+
+from dsvl_jax.convert import orbax_io, stream
+from dsvl_jax.convert.export import DestinationExists, plan_tensors, write_folder
+from dsvl_jax.convert.load import read_config
+from dsvl_jax.convert.safetensors_io import INDEX_NAME, MAX_SHARD_BYTES, SINGLE_NAME
+from dsvl_jax.errors import CheckpointError, ConfigError
+
 TARGETS = ("hf", "official", "orbax")
 DTYPES = ("bfloat16", "float32")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -33,9 +41,6 @@ def parse_size(text: str) -> int:
 
 def detect_source(path: str) -> str:
     """'orbax', 'hf' or 'official'; raises with what was found when the folder is none of them."""
-    from dsvl_jax.convert import orbax_io
-    from dsvl_jax.convert.load import read_config
-    from dsvl_jax.convert.safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointError
     if not os.path.exists(path):
         raise FileNotFoundError(f"source {path!r} does not exist")
     if not os.path.isdir(path):
@@ -56,7 +61,6 @@ def detect_source(path: str) -> str:
 
 
 def check_destination(src: str, dst: str, overwrite: bool) -> None:
-    from dsvl_jax.convert.export import DestinationExists
     src_r, dst_r = os.path.realpath(src), os.path.realpath(dst)
     if dst_r == src_r or dst_r.startswith(src_r + os.sep) or src_r.startswith(dst_r + os.sep):
         raise DestinationExists(f"destination {dst!r} overlaps the source {src!r}; choose another folder")
@@ -70,9 +74,6 @@ def check_destination(src: str, dst: str, overwrite: bool) -> None:
 def convert(src: str, dst: str, to: str, *, dtype: Optional[str] = None, overwrite: bool = False,
             step: Optional[int] = None, max_shard_bytes: Optional[int] = None) -> str:
     """Convert `src` (any supported layout, detected) to `to` at `dst`. Returns the destination path."""
-    from dsvl_jax.convert import orbax_io, stream
-    from dsvl_jax.convert.export import plan_tensors, write_folder
-    from dsvl_jax.convert.safetensors_io import MAX_SHARD_BYTES, CheckpointError
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: expected one of {TARGETS}")
     if dtype is not None and dtype not in DTYPES:
@@ -119,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion is host work: never grab an accelerator
-    from dsvl_jax.convert.config_io import ConfigError
-    from dsvl_jax.convert.safetensors_io import CheckpointError
+    if "JAX_PLATFORMS" not in os.environ:  # conversion is host work: never grab an accelerator
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        if jax.config.jax_platforms is None:  # jax read the environment on import; takes effect until first use
+            jax.config.update("jax_platforms", "cpu")
     try:
         out = convert(args.src, args.dst, args.to, dtype=args.dtype, overwrite=args.overwrite, step=args.step,
                       max_shard_bytes=args.max_shard_size)

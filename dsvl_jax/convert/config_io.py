@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 from dsvl_jax.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, SamConfig, SiglipConfig, TextConfig, VLMConfig
+from dsvl_jax.errors import ConfigError
 
 HF_MODEL_TYPES = ("deepseek_vl", "deepseek_vl_hybrid")
 OFFICIAL_MODEL_TYPE = "multi_modality"
@@ -30,10 +31,6 @@ _SAM_NAMED = {
                              patch_size=16, window_size=14, global_attn_indexes=(2, 5, 8, 11), output_channels=256),
 }
 _ARCH_KEY = "dsvl_jax_arch"  # our extension: full tower fields for sizes the official code has no name for
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def _text_from_llama(d: dict, where: str) -> TextConfig:

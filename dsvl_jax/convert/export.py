@@ -19,7 +19,9 @@ from flax import traverse_util
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.convert import config_io, keymap
-from dsvl_jax.convert.safetensors_io import MAX_SHARD_BYTES, CheckpointError, write_checkpoint
+from dsvl_jax.convert.safetensors_io import MAX_SHARD_BYTES, write_checkpoint
+from dsvl_jax.errors import CheckpointError
+from dsvl_jax.state import check_params
 
 # Files beside the weights that travel with a checkpoint (tokenizer, processor, generation settings).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -103,21 +105,6 @@ def plan_tensors(cfg: VLMConfig, layout: str, shape_of, dtype_of, array_of, dtyp
         return keymap.to_torch(m.kind, arrays, m.in_ndim, m.lead_ones).astype(dt, copy=False)
 
     return plan, produce
-
-
-def check_params(cfg: VLMConfig, params) -> None:
-    """Raise unless `params` has exactly the paths and shapes `cfg` builds (dtypes may differ)."""
-    from dsvl_jax.convert.load import param_shapes
-    want = param_shapes(cfg)
-    have = traverse_util.flatten_dict(params, sep="/")
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise CheckpointError(f"params do not fit the config: missing {missing[:4]}, unexpected {extra[:4]}")
-    bad = [(p, tuple(have[p].shape), tuple(want[p].shape)) for p in want if tuple(have[p].shape) != tuple(want[p].shape)]
-    if bad:
-        p, got, need = bad[0]
-        raise CheckpointError(f"params do not fit the config: {p!r} has shape {got}, the config needs {need} "
-                              f"({len(bad)} mismatched)")
 
 
 def tensor_plan(cfg: VLMConfig, params, layout: str, dtype=None):

@@ -19,10 +19,12 @@ from flax import traverse_util
 
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
-from dsvl_jax.convert import keymap
-from dsvl_jax.convert.config_io import ConfigError, from_any
-from dsvl_jax.convert.safetensors_io import FLOAT_CODES, CheckpointError, SafetensorsReader
-from dsvl_jax.models.vlm import abstract_params
+from dsvl_jax.convert import keymap, orbax_io
+from dsvl_jax.convert.config_io import from_any
+from dsvl_jax.convert.safetensors_io import DTYPES, FLOAT_CODES, SafetensorsReader
+from dsvl_jax.errors import CheckpointError, ConfigError
+from dsvl_jax.runtime import VLM
+from dsvl_jax.state import abstract_params, param_shardings
 
 # Keys PyTorch checkpoints may carry that hold nothing the model needs.
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -53,13 +55,15 @@ def read_config(path: str) -> tuple:
 def _target_dtype(code: str, dtype) -> np.dtype:
     if dtype is not None:
         return np.dtype(jnp.dtype(dtype))
-    from dsvl_jax.convert.safetensors_io import _DTYPES
-    return _DTYPES[code]
+    return DTYPES[code]
 
 
-def param_shapes(cfg: VLMConfig) -> dict:
-    """{our param path: ShapeDtypeStruct} for `cfg`, from `jax.eval_shape` (nothing allocated)."""
-    return traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
+def checkpoint_dtype(reader: SafetensorsReader) -> str:
+    """The dtype a checkpoint implies for compute and params: its float dtype when it has exactly one
+    (float64 computes in float32), else float32."""
+    codes = {reader.info(k)[1] for k in reader.keys()} & set(FLOAT_CODES)
+    code = codes.pop() if len(codes) == 1 else "F32"
+    return "float32" if code == "F64" else DTYPES[code].name
 
 
 def source_config(reader: SafetensorsReader, cfg: VLMConfig, layout: str) -> VLMConfig:
@@ -160,9 +164,6 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, layout: Optional[str] =
 
     dtype: None keeps the checkpoint's dtype (bf16 stays bf16); otherwise params are cast, and the
     compute dtype follows. mesh: params are placed sharded by the logical rules."""
-    from dsvl_jax.convert import orbax_io
-    from dsvl_jax.vlm import VLM
-
     if layout in (None, "orbax") and orbax_io.is_orbax(path):
         return _load_orbax(path, dtype, mesh, config_overrides)
     found_layout, cfg, _ = read_config(path)
@@ -170,11 +171,7 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, layout: Optional[str] =
         raise CheckpointError(f"{path}: config.json is in the {found_layout} layout, not {layout}")
     reader = SafetensorsReader(path)
     cfg = source_config(reader, cfg, found_layout)
-    codes = {reader.info(k)[1] for k in reader.keys()}
-    if dtype is None and len(codes & set(FLOAT_CODES)) == 1:
-        d = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float32"}[next(iter(codes & set(FLOAT_CODES)))]
-    else:
-        d = jnp.dtype(dtype or jnp.float32).name
+    d = checkpoint_dtype(reader) if dtype is None else jnp.dtype(dtype).name
     cfg = cfg.replace(dtype=d, param_dtype=d, **(config_overrides or {}))
     try:
         params = load_params(reader, cfg, found_layout, dtype=dtype, mesh=mesh)
@@ -187,9 +184,6 @@ def load_pretrained(path: str, dtype=None, *, mesh=None, layout: Optional[str] =
 
 def _load_orbax(path: str, dtype, mesh, config_overrides):
     """An Orbax training checkpoint → VLM, keeping the training config (compute dtype included) unless cast."""
-    from dsvl_jax.convert import orbax_io
-    from dsvl_jax.vlm import VLM
-
     source = orbax_io.OrbaxSource(path)
     cfg = source.config
     if dtype is not None:
@@ -199,7 +193,7 @@ def _load_orbax(path: str, dtype, mesh, config_overrides):
     flat = traverse_util.flatten_dict(source.params(dtype), sep="/")
     shardings = None
     if mesh is not None:
-        shardings = traverse_util.flatten_dict(sharding.param_shardings(abstract_params(cfg), mesh), sep="/")
+        shardings = traverse_util.flatten_dict(param_shardings(cfg, mesh)[0], sep="/")
     out = {}
     for p in list(flat):  # one param at a time onto the device(s); the host copy goes as soon as it is placed
         arr = flat.pop(p)

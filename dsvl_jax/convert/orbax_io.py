@@ -1,9 +1,9 @@
 """The Orbax training-checkpoint contract, and reading / writing the params of such checkpoints.
 
-A training workdir looks like this (the trainer writes it with `checkpoint_manager` and `train_state`):
+A training workdir looks like this (the trainer writes it through `checkpoint_manager`):
 
     workdir/model_config.json            VLMConfig.to_dict()  (or checkpoints/config.json, same format)
-    workdir/checkpoints/<step>/state     ocp.args.StandardSave({"step": int array, "params": ..., "opt_state": ...})
+    workdir/checkpoints/<step>/state     ocp.args.StandardSave(a `dsvl_jax.state.TrainState`: step, params, ...)
     workdir/checkpoints/<step>/data      the Grain iterator state (never read here)
 
 Conversion reads **params only** (partial restore: optimizer state is neither needed nor loaded), as
@@ -17,11 +17,16 @@ import json
 import os
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
-from dsvl_jax.convert.safetensors_io import CheckpointError
+from dsvl_jax.convert import export
+from dsvl_jax.errors import CheckpointError
+from dsvl_jax.state import check_params, param_shapes
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_CONFIG = "model_config.json"
@@ -45,7 +50,8 @@ def checkpoint_manager(workdir: str, options=None):
 
 
 def train_state(step: int, params, opt_state=None) -> dict:
-    """The `state` item: {"step", "params"} plus "opt_state" when given (a training save)."""
+    """The `state` item a converter writes: the "step" and "params" of a `TrainState` (plus "opt_state"
+    when given); a reader of training checkpoints needs no more."""
     state = {"step": np.asarray(step, np.int32), "params": params}
     if opt_state is not None:
         state["opt_state"] = opt_state
@@ -148,8 +154,6 @@ class OrbaxSource:
 
     def __init__(self, path: str, step: Optional[int] = None, *, resident_bytes: int = 2**30):
         import orbax.checkpoint as ocp
-
-        from dsvl_jax.convert.load import param_shapes
         _quiet_orbax()
         self.location = loc = locate(path, step)
         self.config = cfg = read_model_config(loc.config_path)
@@ -217,7 +221,6 @@ class OrbaxSource:
         """All params as a nested numpy dict (`dtype` casts)."""
         flat = self._whole if self._whole is not None else self._restore(list(self._meta))
         if dtype is not None:
-            import jax.numpy as jnp
             target = np.dtype(jnp.dtype(dtype))
             flat = {p: a.astype(target, copy=False) for p, a in flat.items()}
         return traverse_util.unflatten_dict(flat, sep="/")
@@ -247,15 +250,11 @@ def save_orbax_params(path: str, cfg: VLMConfig, params, step: int = 0, *, overw
     """Write a workdir holding model_config.json and checkpoints/<step>/state = {step, params}, atomically
     (a temporary folder beside `path`, renamed at the end). `checkpoint_manager(path)` and
     `load_orbax_params(path)` read it back. Returns the workdir path."""
-    import jax
     import orbax.checkpoint as ocp
-
-    from dsvl_jax import sharding
-    from dsvl_jax.convert.export import atomic_directory, check_params, copy_side_files
     _quiet_orbax()
     check_params(cfg, params)
     params = jax.tree.map(sharding.host_array, params)  # numpy leaves: written as they are, no device copy
-    with atomic_directory(path, overwrite) as tmp:
+    with export.atomic_directory(path, overwrite) as tmp:
         write_model_config(tmp, cfg)
         mngr = ocp.CheckpointManager(os.path.join(tmp, CHECKPOINTS_DIR), item_handlers={STATE: _lean_state_handler()},
                                      options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
@@ -264,5 +263,5 @@ def save_orbax_params(path: str, cfg: VLMConfig, params, step: int = 0, *, overw
             mngr.wait_until_finished()
         finally:
             mngr.close()
-        copy_side_files(side_files_from, tmp)
+        export.copy_side_files(side_files_from, tmp)
     return os.path.abspath(path)

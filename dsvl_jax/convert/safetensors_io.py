@@ -13,21 +13,21 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from dsvl_jax.errors import CheckpointError
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_SHARD_BYTES = 5 * 10**9  # HF's default max shard size
 
-_DTYPES = {
+# The one table of safetensors dtype codes; everything else is derived from it.
+DTYPES = {
     "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
     "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
-_CODES = {v: k for k, v in _DTYPES.items()}
+_CODES = {v: k for k, v in DTYPES.items()}
+CODE_OF_NAME = {dt.name: code for code, dt in DTYPES.items()}  # "bfloat16" → "BF16" (numpy / torch names)
 FLOAT_CODES = ("F32", "F16", "BF16", "F64")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked; the message names the file and key."""
 
 
 def _read_header(path: str) -> tuple:
@@ -135,9 +135,9 @@ class SafetensorsReader:
         path = os.path.join(self.folder, name)
         entry = self._headers[name][key]
         code, shape = entry["dtype"], tuple(entry["shape"])
-        if code not in _DTYPES:
+        if code not in DTYPES:
             raise CheckpointError(f"{path}: tensor {key!r} has dtype {code}, which this reader does not support")
-        dt = _DTYPES[code]
+        dt = DTYPES[code]
         begin, end = entry["data_offsets"]
         count = int(np.prod(shape, dtype=np.int64))
         if end - begin != count * dt.itemsize:

@@ -2,9 +2,11 @@
 round trip (benchmarks, notebooks). Tensors are viewed, not copied, until the key map transforms them."""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
-_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+from dsvl_jax.convert.load import load_params
+from dsvl_jax.convert.safetensors_io import CODE_OF_NAME
 
 
 class StateDictReader:
@@ -21,7 +23,7 @@ class StateDictReader:
     def info(self, key):
         t = self._sd[key]
         dt = str(t.dtype).replace("torch.", "")
-        return tuple(t.shape), _CODES.get(dt, dt.upper())
+        return tuple(t.shape), CODE_OF_NAME.get(dt, dt.upper())
 
     def file_of(self, key):
         return self.folder
@@ -29,7 +31,6 @@ class StateDictReader:
     def get(self, key) -> np.ndarray:
         t = self._sd[key].detach()
         if str(t.dtype) == "torch.bfloat16":  # numpy has no bf16: reinterpret the bits
-            import ml_dtypes
             return t.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
@@ -39,6 +40,5 @@ class StateDictReader:
 
 def params_from_torch(model, cfg, layout: str = "hf", *, dtype=None, mesh=None):
     """A transformers DeepSeek-VL model (or its state_dict) → our params for `cfg`."""
-    from dsvl_jax.convert.load import load_params
     sd = model.state_dict() if hasattr(model, "state_dict") else model
     return load_params(StateDictReader(sd), cfg, layout, dtype=dtype, mesh=mesh)

@@ -14,10 +14,9 @@ import numpy as np
 from flax import traverse_util
 
 from dsvl_jax.convert import export, keymap
-from dsvl_jax.convert.load import check_tensors, param_shapes, per_layer_shapes, read_config, source_config
-from dsvl_jax.convert.safetensors_io import _DTYPES, MAX_SHARD_BYTES, SafetensorsReader
-
-_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+from dsvl_jax.convert.load import check_tensors, checkpoint_dtype, per_layer_shapes, read_config, source_config
+from dsvl_jax.convert.safetensors_io import DTYPES, MAX_SHARD_BYTES, SafetensorsReader
+from dsvl_jax.state import param_shapes
 
 
 class TorchSource:
@@ -48,7 +47,7 @@ class TorchSource:
 
     def dtype_of(self, p: str) -> np.dtype:
         m, _ = self._where.get((p, None)) or self._where[(p, 0)]
-        return _DTYPES[self.reader.info(m.torch_key)[1]]
+        return DTYPES[self.reader.info(m.torch_key)[1]]
 
     def array_of(self, p: str, layer) -> np.ndarray:
         m, j = self._where[(p, layer)]
@@ -60,9 +59,7 @@ class TorchSource:
 
     def dtype_name(self) -> str:
         """The checkpoint's float dtype when it has one, else float32 (as load_pretrained decides)."""
-        codes = {self.reader.info(k)[1] for k in self.reader.keys()}
-        code = codes.pop() if len(codes) == 1 else None
-        return _DTYPE_NAMES.get(code, "float32")
+        return checkpoint_dtype(self.reader)
 
     def params(self, dtype=None) -> dict:
         """Our nested param dict as numpy arrays (for an Orbax checkpoint), filled in key-map order, so each

@@ -8,5 +8,6 @@
 - `loader`      `make_train_iterator` (checkpointable, multi-host, worker processes) and `global_batch`
 - `synthetic`   small generated corpora for tests, benchmarks and the demo
 
-Nothing here imports jax at module level, so Grain worker processes stay light.
+`records`, `transforms` and `synthetic` import neither jax nor the model, so Grain worker processes stay
+light; `loader` (jax comes with Grain anyway) adds the batch sharding for `global_batch`.
 """

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator
 
 from ..processing import chat
 from ..processing import image as image_lib
+from ..processing.tokenizer_build import train_sentencepiece
 from . import records as R
 from .transforms import image_error_reason, to_conversation
 
@@ -335,8 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.spm_model:
         if args.tfds_name:
             p.error("--spm-model reads ArrayRecord shards; build without --tfds-name to use it")
-        from ..processing.tokenizer_build import train_sentencepiece
-
         train_sentencepiece(list(corpus_texts(report.outputs)), args.spm_vocab_size, args.spm_model)
         print(f"sentencepiece model: {args.spm_model} (vocab {args.spm_vocab_size})")
     return 0 if report.written else 1

@@ -33,9 +33,11 @@ import importlib
 from typing import Any, Sequence
 
 import grain
+import jax
 import numpy as np
 
 from ..processing import image as image_lib
+from ..sharding import batch_sharding
 from . import records as R
 from .mixture import MODALITIES, ModalitySchedule, SourceConfig, mix_map_datasets
 from .packing import SPLIT, TRUNCATE, DataStats, PackIterDataset, RowSpec
@@ -259,8 +261,6 @@ def make_train_dataset(data_config: DataConfig, model_config, tokenizer, *, batc
                        worker_count: int = 0) -> MixtureBatchIterDataset:
     """The pipeline as a Grain IterDataset (see `make_train_iterator`)."""
     if process_index is None or process_count is None:
-        import jax
-
         process_index, process_count = jax.process_index(), jax.process_count()
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
@@ -317,10 +317,6 @@ def make_train_iterator(data_config: DataConfig, model_config, tokenizer, *, bat
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh) -> dict[str, Any]:
     """Assemble the processes' local batches into global jax.Arrays, batch dim over ("data", "fsdp")."""
-    import jax
-
-    from ..sharding import batch_sharding
-
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
             for k, v in local_batch.items()}
 

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..processing import chat
+from ..processing.tokenizer_build import build_bpe_tokenizer
 from . import records as R
 from .mixture import SourceConfig
 
@@ -88,9 +90,6 @@ def write_corpus(directory: str, *, n_text: int = 32, n_caption: int = 16, n_int
 
 def corpus_tokenizer(path: str, vocab_size: int = 512):
     """A byte-level BPE trained on `WORDS` and the chat template's words (ids fit `config.tiny()`)."""
-    from ..processing import chat
-    from ..processing.tokenizer_build import build_bpe_tokenizer
-
     rng = np.random.default_rng(0)
     texts = [sentence(rng, 20) for _ in range(200)] + [chat.SYSTEM_PROMPT, "User: Assistant:"] * 20
     return build_bpe_tokenizer(texts, vocab_size, path)

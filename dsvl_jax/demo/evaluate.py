@@ -11,7 +11,7 @@ import numpy as np
 from dsvl_jax import tasks
 from dsvl_jax.data.transforms import task_tag_prefix
 from dsvl_jax.processing.processor import Processor
-from dsvl_jax.vlm import VLM
+from dsvl_jax.runtime import VLM
 
 
 def prompt(example: tasks.Example, task_tag: bool = False) -> list[dict]:

@@ -22,7 +22,7 @@ from dsvl_jax.demo.evaluate import prompt
 from dsvl_jax.processing import image as image_ops
 from dsvl_jax.processing.chat import format_prompt
 from dsvl_jax.processing.processor import Processor, write_hf_processor_config
-from dsvl_jax.vlm import VLM
+from dsvl_jax.runtime import VLM
 
 
 @dataclasses.dataclass

@@ -29,7 +29,7 @@ from dsvl_jax.processing.tokenizer_build import build_bpe_tokenizer
 from dsvl_jax.tasks.render import COLORS, Canvas, jitter
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train.trainer import train
-from dsvl_jax.vlm import VLM
+from dsvl_jax.runtime import VLM
 
 PROBE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")

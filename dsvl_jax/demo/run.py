@@ -23,9 +23,9 @@ from dsvl_jax.demo import data, evaluate, hf_check, recipe, report
 from dsvl_jax.demo.recipe import ModelSize
 from dsvl_jax.processing.processor import Processor
 from dsvl_jax.processing.tokenizer import Tokenizer
-from dsvl_jax.train.state import init_params
+from dsvl_jax.runtime import VLM
+from dsvl_jax.state import init_params
 from dsvl_jax.train.trainer import train
-from dsvl_jax.vlm import VLM
 
 CACHE = "jax_cache"
 STREAM_STAGE_OFFSET = 10_000_000  # each stage reads its own slice of the endless train stream  # XLA's persistent compilation cache, inside the workdir

@@ -21,6 +21,18 @@ import os
 import sys
 from typing import Optional, TextIO
 
+import jax
+
+from dsvl_jax.convert.load import load_pretrained, read_config
+from dsvl_jax.errors import CheckpointError, ConfigError, InputError
+from dsvl_jax.generation.engine import Timings
+from dsvl_jax.generation.inputs import pack_batch
+from dsvl_jax.generation.sampling import check_sampling
+from dsvl_jax.processing.chat import IMAGE_TAG
+from dsvl_jax.processing.image import ImageError
+from dsvl_jax.processing.processor import Processor
+from dsvl_jax.processing.tokenizer import Tokenizer
+
 EXIT_BAD_INPUT = 2
 HELP = """commands:
   /image PATH   attach an image to your next message (repeat for several)
@@ -56,13 +68,6 @@ class ChatSession:
     """Checkpoint + tokenizer + conversation history; the weights load on the first answer."""
 
     def __init__(self, args, out: TextIO, err: TextIO):
-        from dsvl_jax.convert.config_io import ConfigError
-        from dsvl_jax.convert.load import read_config
-        from dsvl_jax.convert.safetensors_io import CheckpointError
-        from dsvl_jax.generation.sampling import check_sampling
-        from dsvl_jax.processing.processor import Processor
-        from dsvl_jax.processing.tokenizer import Tokenizer
-
         self.args, self.out, self.err = args, out, err
         if args.max_new_tokens < 1:
             raise ChatError(f"--max-new-tokens={args.max_new_tokens}: must be at least 1")
@@ -86,7 +91,6 @@ class ChatSession:
 
     # ---- checks (no weights needed) ----
     def check_image(self, path: str) -> None:
-        from dsvl_jax.processing.image import ImageError
         try:
             self.processor.unit_image(path, name=path)
         except ImageError as e:
@@ -94,11 +98,6 @@ class ChatSession:
 
     def prepare(self, question: str, images: list) -> tuple[list, dict, int]:
         """The conversation with this turn added, the model batch, and max new tokens; raises ChatError."""
-        from dsvl_jax.generation.inputs import pack_batch
-        from dsvl_jax.processing.chat import IMAGE_TAG
-        from dsvl_jax.processing.image import ImageError
-        from dsvl_jax.vlm import InputError
-
         question = question.strip()
         if not question:
             raise ChatError("empty question")
@@ -134,14 +133,10 @@ class ChatSession:
     # ---- answering ----
     def load(self) -> None:
         if self.vlm is None:
-            from dsvl_jax.convert.load import load_pretrained
             self.vlm = load_pretrained(self.args.ckpt, dtype=self.args.dtype)
 
     def answer(self, conversation: list, batch: dict, max_new: int) -> dict:
         """Generate (streaming the text unless --json), record the turn, return the JSON record."""
-        import jax
-        from dsvl_jax.generation.engine import Timings
-
         self.load()
         a = self.args
         kw = dict(pixel_values=batch.get("pixel_values"), high_res_pixel_values=batch.get("high_res_pixel_values"),

@@ -12,8 +12,9 @@ EOS) or one compiled step per token called from Python (streaming). Both share t
 the randomness for token i from `fold_in(rng, i)`, so they produce the same tokens.
 
 Programs are compiled ahead of time (`jit(...).lower(...).compile()`) and cached by input shapes and
-static settings, shared by every model with the same config and mesh (the weights are arguments);
-`compile_seconds` and `compile_counts` tell what compiling cost this generator and how often. On a
+static settings, shared by every model with the same config and mesh (the weights are arguments); the
+cache keeps the `MAX_PROGRAMS` most recently used programs of the process. `compile_seconds` and
+`compile_counts` tell what compiling cost this generator and how often. On a
 mesh the params keep their logical shardings, the batch goes over data×fsdp and the cache over
 (batch → data×fsdp, kv heads → tensor).
 """
@@ -36,12 +37,16 @@ from dsvl_jax.generation.inputs import PackedBatch, bucket_new_tokens, pack_batc
 from dsvl_jax.generation.sampling import SamplingConfig, check_sampling, choose_tokens, sampling_config
 from dsvl_jax.models.common import constrain
 from dsvl_jax.models.llama import cache_mask
+from dsvl_jax.state import param_shardings
 
 CACHE_AXES = ("layers", "act_batch", "act_len", "act_kv_heads", None)
 EOS_SLOTS = 4  # EOS ids are padded (with -1) to a multiple of this, so their number rarely re-compiles
 
-# (config, mesh) → {program key: compiled executable}; the programs take the params as an argument.
-_PROGRAMS: dict = {}
+# (config, mesh, program key) → compiled executable, least recently used first; the programs take the
+# params as an argument. A chat session needs a few programs per shape bucket; the bound keeps a
+# long-lived process that meets many configs, meshes or buckets from holding every executable forever.
+MAX_PROGRAMS = 64
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 
 
 @dataclasses.dataclass
@@ -89,7 +94,6 @@ class Generator:
         self.vlm = vlm
         self.config = vlm.config
         self.mesh = vlm.mesh
-        self._executables = _PROGRAMS.setdefault((vlm.config, vlm.mesh), {})
         self.compile_counts = collections.Counter()  # program name → number of compilations
         self.compile_seconds = 0.0
         self._param_shardings = None
@@ -104,8 +108,7 @@ class Generator:
         if self.mesh is None:
             return params
         if self._param_shardings is None:
-            from dsvl_jax.models.vlm import abstract_params
-            self._param_shardings = sharding.param_shardings(abstract_params(self.config), self.mesh)
+            self._param_shardings = param_shardings(self.config, self.mesh)[0]
         return jax.device_put(params, self._param_shardings)  # no copy when already placed so
 
     def _put(self, x, names=None):
@@ -120,16 +123,20 @@ class Generator:
     # ---- compiled programs ----
     def _run(self, name: str, fn, statics: dict, donate: Sequence[int], *args):
         leaves, tree = jax.tree.flatten(args)
-        key = (name, tuple(sorted(statics.items())), tree,
+        key = (self.config, self.mesh, name, tuple(sorted(statics.items())), tree,
                tuple((tuple(x.shape), str(x.dtype), getattr(x, "sharding", None)) for x in leaves))
-        exe = self._executables.get(key)
+        exe = _PROGRAMS.get(key)
         if exe is None:
             t0 = time.perf_counter()
             with self._context():
                 exe = jax.jit(functools.partial(fn, **statics), donate_argnums=tuple(donate)).lower(*args).compile()
             self.compile_seconds += time.perf_counter() - t0
             self.compile_counts[name] += 1
-            self._executables[key] = exe
+            _PROGRAMS[key] = exe
+            while len(_PROGRAMS) > MAX_PROGRAMS:
+                _PROGRAMS.popitem(last=False)
+        else:
+            _PROGRAMS.move_to_end(key)
         return exe(*args)
 
     def _empty_cache(self, batch: int, slots: int):

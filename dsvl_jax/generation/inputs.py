@@ -20,7 +20,7 @@ from typing import Optional
 import numpy as np
 
 from dsvl_jax.config import VLMConfig
-from dsvl_jax.vlm import InputError
+from dsvl_jax.errors import InputError
 
 LENGTH_QUANTUM = 64
 NEW_TOKENS_QUANTUM = 64
@@ -65,11 +65,23 @@ class PackedBatch:
         return self.input_ids.shape + (n,)
 
 
-def _check_pixels(name: str, x: np.ndarray, size: int) -> None:
+def check_pixels(name: str, x: np.ndarray, size: int) -> None:
+    """Raise `InputError` unless x is [num_images, 3, size, size] and finite."""
     if x.ndim != 4 or x.shape[1:] != (3, size, size):
         raise InputError(f"{name} must be [num_images, 3, {size}, {size}], got {tuple(x.shape)}")
     if not np.isfinite(x).all():
         raise InputError(f"{name} holds NaN or Inf")
+
+
+def check_views(cfg: VLMConfig, pv: np.ndarray, hv: Optional[np.ndarray]) -> None:
+    """HF-port contract: pixel_values [N, 3, s, s], and for the hybrid high_res_pixel_values [N, 3, S, S]."""
+    check_pixels("pixel_values", pv, cfg.siglip.image_size)
+    if cfg.is_hybrid:
+        if hv is None:
+            raise InputError("the hybrid model needs high_res_pixel_values with pixel_values")
+        check_pixels("high_res_pixel_values", hv, cfg.sam.image_size)
+        if hv.shape[0] != pv.shape[0]:
+            raise InputError(f"{pv.shape[0]} low-res but {hv.shape[0]} high-res images")
 
 
 def pack_batch(cfg: VLMConfig, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None,
@@ -116,14 +128,8 @@ def pack_batch(cfg: VLMConfig, input_ids, attention_mask=None, pixel_values=None
     if pv is None and hv is not None:
         raise InputError("high_res_pixel_values given without pixel_values")
     if pv is not None:
-        _check_pixels("pixel_values", pv, cfg.siglip.image_size)
-        if cfg.is_hybrid:
-            if hv is None:
-                raise InputError("the hybrid model needs high_res_pixel_values with pixel_values")
-            _check_pixels("high_res_pixel_values", hv, cfg.sam.image_size)
-            if hv.shape[0] != pv.shape[0]:
-                raise InputError(f"{pv.shape[0]} low-res but {hv.shape[0]} high-res images")
-        elif hv is not None:
+        check_views(cfg, pv, hv)
+        if not cfg.is_hybrid and hv is not None:
             raise InputError("high_res_pixel_values given, but the model has no high-resolution tower")
     given = 0 if pv is None else pv.shape[0]
     if given != n_images:

@@ -3,7 +3,7 @@
 Image placement follows HF's `masked_scatter` (and the official `images_seq_mask` scatter): the k-th
 image token of the batch, in row-major order, receives the k-th valid image-feature row, images
 taken in order and invalid (padding) image slots skipped. Shapes stay static under jit; the count
-check happens eagerly in `convert.load.VLM` / the data pipeline, where the arrays are concrete.
+check happens eagerly in `dsvl_jax.runtime.VLM` / the data pipeline, where the arrays are concrete.
 """
 from __future__ import annotations
 
@@ -138,10 +138,3 @@ def dummy_inputs(cfg: VLMConfig, batch: int = 1):
     hv = None if cfg.sam is None else jnp.zeros((batch, 3, cfg.sam.image_size, cfg.sam.image_size), jnp.float32)
     return ids, dict(pixel_values=pv, high_res_pixel_values=hv)
 
-
-def abstract_params(cfg: VLMConfig):
-    """The boxed (LogicallyPartitioned) parameter tree as ShapeDtypeStructs, without allocating anything."""
-    import jax
-    model = DeepseekVL(cfg)
-    ids, images = dummy_inputs(cfg)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), ids, **images))["params"]

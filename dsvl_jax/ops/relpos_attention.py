@@ -10,6 +10,9 @@ impl:
 from __future__ import annotations
 
 import jax
+from jax.sharding import PartitionSpec as P
+
+from dsvl_jax.sharding import logical_to_spec
 
 from dsvl_jax.ops.reference import relpos_attention_reference
 from dsvl_jax.ops.relpos_blockwise import relpos_attention_blockwise
@@ -56,9 +59,6 @@ def _per_shard(kernel, q, k, v, rel_pos_h, rel_pos_w):
     # Already per-shard (inside a caller's shard_map) or no mesh: nothing to split.
     if mesh is None or mesh.empty or mesh.size == 1 or mesh.manual_axes:
         return kernel(q, k, v, rel_pos_h, rel_pos_w)
-    from jax.sharding import PartitionSpec as P
-
-    from dsvl_jax.sharding import logical_to_spec
     spec = logical_to_spec(("act_batch", "act_heads", None, None), q.shape, mesh)
     return jax.shard_map(kernel, in_specs=(spec, spec, spec, P(), P()), out_specs=spec,
                          check_vma=False)(q, k, v, rel_pos_h, rel_pos_w)

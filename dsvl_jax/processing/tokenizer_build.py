@@ -15,7 +15,7 @@ import json
 import os
 from typing import Iterable, Sequence
 
-from dsvl_jax.processing.chat import BOS_TOKEN, EOS_TOKEN, IMAGE_TAG
+from dsvl_jax.processing.chat import BOS_TOKEN, EOS_TOKEN, IMAGE_TAG, SYSTEM_PROMPT
 from dsvl_jax.processing.tokenizer import SENTENCEPIECE_MODEL, TOKENIZER_JSON, Tokenizer
 
 MODEL_MAX_LENGTH = 16384  # the released tokenizer_config's model_max_length
@@ -168,8 +168,6 @@ def sample_corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """A deterministic toy corpus in the chat format's register (system text, roles, digits, CJK,
     punctuation and newlines) to train test/demo tokenizers on; no data is downloaded."""
     import random
-
-    from dsvl_jax.processing.chat import SYSTEM_PROMPT
 
     rng = random.Random(seed)
     extras = ["你好", "世界", "图表", "✓", "é", "ß", "—", "(", ")", ",", ":", ";", "%", "$", "#", "'s"]

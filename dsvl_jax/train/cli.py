@@ -10,8 +10,13 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from dsvl_jax.errors import ConfigError
+from dsvl_jax.train.checkpointing import CheckpointSaveError
+from dsvl_jax.train.trainer import TrainingDiverged, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path[:variant]).",
                                           lock_config=True)
@@ -28,7 +33,6 @@ _INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds to 
 
 def main(argv):
     del argv
-    import jax
     if _DISTRIBUTED.value:
         kw = dict(heartbeat_timeout_seconds=_HEARTBEAT.value, initialization_timeout=_INIT_TIMEOUT.value)
         if _COORDINATOR.value:
@@ -38,9 +42,6 @@ def main(argv):
         print(f"dsvl-train: process {jax.process_index()} of {jax.process_count()}, "
               f"{jax.local_device_count()} of {jax.device_count()} devices", flush=True)
     logging.getLogger("absl").setLevel(logging.WARNING)
-    from dsvl_jax.train.checkpointing import CheckpointSaveError
-    from dsvl_jax.train.trainer import TrainingDiverged, train
-    from dsvl_jax.train.validate import ConfigError
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required")
     try:

@@ -33,10 +33,16 @@ import math
 from collections import defaultdict
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.extend as jex
+from flax import traverse_util
 
 from dsvl_jax.config import VLMConfig
+from dsvl_jax.ops import relpos_blockwise, relpos_pallas
+from dsvl_jax.ops.relpos_attention import resolve_impl
+from dsvl_jax.state import abstract_params
+from dsvl_jax.train.stages import trainable_mask
 
 PARTS = ("siglip", "sam", "aligner", "llm", "lm_head")
 
@@ -81,10 +87,6 @@ def conv_valid_taps(size: int, kernel: int, stride: int, pad: int) -> int:
 @functools.lru_cache(maxsize=16)
 def _trainable_paths(cfg: VLMConfig, patterns: tuple) -> frozenset:
     """Paths of the trained params, from the real (abstract) param tree and the trainer's own mask."""
-    import flax.linen as nn
-    from flax import traverse_util
-    from dsvl_jax.models.vlm import abstract_params
-    from dsvl_jax.train.stages import trainable_mask
     arch = cfg.replace(dtype="float32", param_dtype="float32", remat_policy="none")
     params = nn.meta.unbox(abstract_params(arch))
     mask = traverse_util.flatten_dict(trainable_mask(params, patterns), sep="/")
@@ -142,8 +144,7 @@ def _global_attention_impl_flops(impl, n, heads, tokens, hd, H, W, f32, has_bwd)
     The Pallas figures follow the kernel source (tiles, lane padding, hi/lo bf16 passes); the blockwise
     ones are checked against the traced program by the tests."""
     if impl == "blockwise":
-        from dsvl_jax.ops.relpos_blockwise import DEFAULT_BLOCK_Q
-        bq = min(DEFAULT_BLOCK_Q, tokens)
+        bq = min(relpos_blockwise.DEFAULT_BLOCK_Q, tokens)
         n_pad = -(-tokens // bq) * bq
         rows = (2 * H - 1) + (2 * W - 1)  # q_blk @ table^T over every table row
         fwd = 2 * n * heads * n_pad * (2 * tokens + rows) * hd
@@ -151,8 +152,7 @@ def _global_attention_impl_flops(impl, n, heads, tokens, hd, H, W, f32, has_bwd)
         bwd = 2 * n * heads * n_pad * (5 * tokens + 3 * rows) * hd
         return fwd, bwd if has_bwd else 0.0
     if impl in ("pallas", "pallas_interpret"):
-        from dsvl_jax.ops.relpos_pallas import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, tile_sizes
-        bq, bk, n_pad = tile_sizes(tokens, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)
+        bq, bk, n_pad = relpos_pallas.tile_sizes(tokens, relpos_pallas.DEFAULT_BLOCK_Q, relpos_pallas.DEFAULT_BLOCK_K)
         lanes_h, lanes_w = -(-(2 * H - 1) // 128) * 128, -(-(2 * W - 1) // 128) * 128
         lanes_x = 128 if lanes_h == lanes_w == 128 else lanes_h + lanes_w
         passes = 1 if f32 else 2  # bf16 expands the bias rows as hi + lo
@@ -334,7 +334,6 @@ def train_flops_per_step(cfg: VLMConfig, *, batch_rows: int, seq_len: int, image
         low = _siglip(T, cfg, n)
         high = False
         if cfg.sam is not None:
-            from dsvl_jax.ops.relpos_attention import resolve_impl
             high = _sam(T, cfg, n, resolve_impl(sam_impl or cfg.sam_attention_impl))
         feats_t = _aligner(T, cfg, n, low, high)
     x_t = T.tr("language_model/embed_tokens") or feats_t

@@ -7,9 +7,12 @@
 "Adaptor" includes, for the 7B, the SAM-side layers the paper counts as part of it (§3.1: the resize and
 the two stride-2 convs) and what the official `HybridVisionTower` leaves trainable when SAM is not
 frozen: the necks (`neck`, `neck_hd`), the down-sampling convs and the hd alpha.
+
+The same path patterns pick the params `config.init.reinit` takes from a fresh init (`reinit`).
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Sequence
 
@@ -61,9 +64,21 @@ def trainable_mask(params, patterns: Sequence[str]):
 
 def count(params, mask) -> tuple:
     """(trainable, total) parameter counts."""
-    import math
     flat_p = traverse_util.flatten_dict(params, sep="/")
     flat_m = traverse_util.flatten_dict(mask, sep="/")
     total = sum(math.prod(v.shape) for v in flat_p.values())
     train = sum(math.prod(v.shape) for k, v in flat_p.items() if flat_m[k])
     return train, total
+
+
+def reinit(params, fresh, patterns):
+    """Take `fresh` values for every param whose path matches `patterns`; keep the others."""
+    if not patterns:
+        return params
+    flat, new = traverse_util.flatten_dict(params, sep="/"), traverse_util.flatten_dict(fresh, sep="/")
+    hit = [k for k in flat if path_matches(k, patterns)]
+    if not hit:
+        raise ValueError(f"init.reinit patterns {list(patterns)} match no parameter")
+    for k in hit:
+        flat[k] = new[k]
+    return traverse_util.unflatten_dict(flat, sep="/")

@@ -16,18 +16,8 @@ import optax
 from flax import traverse_util
 
 from dsvl_jax.models.vlm import DeepseekVL
+from dsvl_jax.state import merge_params, split_params
 from dsvl_jax.train.loss import chunked_cross_entropy
-
-
-def split_params(params, mask):
-    """(trainable flat dict, frozen flat dict) by the bool mask tree."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    m = traverse_util.flatten_dict(mask, sep="/")
-    return {k: v for k, v in flat.items() if m[k]}, {k: v for k, v in flat.items() if not m[k]}
-
-
-def merge_params(trainable, frozen):
-    return traverse_util.unflatten_dict({**frozen, **trainable}, sep="/")
 
 
 def _microbatches(batch, n: int):

@@ -20,16 +20,18 @@ from flax import traverse_util
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.convert import orbax_io
+from dsvl_jax.convert.load import load_pretrained
 from dsvl_jax.data import loader as data_loader
 from dsvl_jax.data.mixture import SourceConfig
 from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.processing.tokenizer import Tokenizer
+from dsvl_jax.state import abstract_state, cast_like, init_params, make_state, param_shardings
 from dsvl_jax.train import flops as flops_lib
 from dsvl_jax.train import stages, validate
 from dsvl_jax.train.checkpointing import Checkpointer, Preemption
 from dsvl_jax.train.metrics import MetricWriter
 from dsvl_jax.train.optimizer import make_optimizer
-from dsvl_jax.train.state import abstract_state, cast_like, init_params, make_state, param_shardings, reinit
+from dsvl_jax.train.stages import reinit
 from dsvl_jax.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,6 @@ def initial_params(config, mcfg: VLMConfig, mesh, writer=None):
                               abstract)
         del host
     elif src.from_pretrained:
-        from dsvl_jax.convert.load import load_pretrained
         vlm = load_pretrained(src.from_pretrained, dtype=mcfg.param_dtype, mesh=mesh)
         _check_same_architecture(vlm.config, mcfg, src.from_pretrained)
         params = _fill_missing(vlm.params, fresh)

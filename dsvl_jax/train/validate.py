@@ -4,14 +4,14 @@ from __future__ import annotations
 import json
 import os
 
+import flax.linen as nn
 import jax
 
 from dsvl_jax.config import VLMConfig
+from dsvl_jax.errors import ConfigError
+from dsvl_jax.state import abstract_params
 from dsvl_jax.train.config_base import base
-
-
-class ConfigError(ValueError):
-    pass
+from dsvl_jax.train.stages import GROUPS, UNUSED, count, patterns_for, trainable_mask
 
 
 # Dicts whose keys are data, not config keys: checked by their users (lr_mult: `optimizer.scale_by_group`).
@@ -83,7 +83,6 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
                           f"{jax.process_count()} processes that divides config.batch_size={config.batch_size}")
     if config.stage not in (1, 2, 3) and not config.trainable:
         raise ConfigError(f"config.stage={config.stage}: expected 1, 2 or 3, or an explicit config.trainable")
-    from dsvl_jax.train.stages import GROUPS, UNUSED, patterns_for
     for t in config.trainable:
         if t not in GROUPS and "/" not in t and not t.startswith("re:"):
             raise ConfigError(f"config.trainable entry {t!r}: expected one of {sorted(GROUPS)} or a param path")
@@ -92,9 +91,6 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
         pats = tuple(p for p in pats if not p.startswith("vision/sam"))
     if not pats or all(p in UNUSED for p in pats):
         raise ConfigError(f"stage {config.stage} with trainable={tuple(config.trainable)} trains nothing")
-    import flax.linen as nn
-    from dsvl_jax.models.vlm import abstract_params
-    from dsvl_jax.train.stages import count, trainable_mask
     abstract = nn.meta.unbox(abstract_params(mcfg))  # shapes only: nothing is allocated
     if count(abstract, trainable_mask(abstract, pats))[0] == 0:
         raise ConfigError(f"stage {config.stage} with trainable={tuple(config.trainable)} trains nothing: "

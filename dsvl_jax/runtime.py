@@ -1,14 +1,16 @@
-"""`VLM`: a loaded model (config + params) you can call like the HF model.
+"""`VLM`: the runtime model — config + params (+ mesh) that you call like the HF model and generate with.
 
     vlm = dsvl_jax.load_pretrained("path/to/deepseek-vl-7b-chat")
     logits = vlm(input_ids, pixel_values=..., high_res_pixel_values=..., attention_mask=...)
 
 Inputs are checked eagerly (numpy) before anything compiles; the forward is jit-compiled once per
 input shape. The official contract (`images` in [0,1], `images_seq_mask`, `images_emb_mask`) is
-accepted too.
+accepted too. `load_pretrained` (`dsvl_jax.convert.load`) returns one; the Flax module it runs is
+`dsvl_jax.models.vlm.DeepseekVL`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Optional
 
@@ -17,15 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsvl_jax.config import VLMConfig
+from dsvl_jax.errors import InputError
+from dsvl_jax.generation.engine import Generator
+from dsvl_jax.generation.inputs import check_pixels, check_views
 from dsvl_jax.models.vlm import DeepseekVL
 
 
 def _np(x):
     return None if x is None else np.asarray(x)
-
-
-class InputError(ValueError):
-    """Inputs that do not fit the model; raised before anything compiles."""
 
 
 class VLM:
@@ -51,12 +52,6 @@ class VLM:
         if n_tok != want:
             raise InputError(f"{n_tok} image tokens (id {c.image_token_id}) in input_ids but the images give "
                              f"{want} features ({n_images} images × {c.num_image_tokens} tokens)")
-
-    def _check_pixels(self, name, x, size):
-        if x.ndim != 4 or x.shape[1:] != (3, size, size):
-            raise InputError(f"{name} must be [num_images, 3, {size}, {size}], got {tuple(x.shape)}")
-        if not np.isfinite(x).all():
-            raise InputError(f"{name} holds NaN or Inf")
 
     # ---- forward ----
     @functools.cached_property
@@ -86,7 +81,7 @@ class VLM:
                 raise InputError("pass either `images` (official contract) or pixel_values (HF contract), not both")
             if im.ndim != 5:
                 raise InputError(f"images must be [batch, n_images, 3, S, S], got {im.shape}")
-            self._check_pixels("images", im.reshape((-1,) + im.shape[2:]), c.image_size)
+            check_pixels("images", im.reshape((-1,) + im.shape[2:]), c.image_size)
             emb = (np.ones(im.shape[:2] + (c.num_image_tokens,), bool) if images_emb_mask is None
                    else np.asarray(images_emb_mask, bool))
             if emb.shape != im.shape[:2] + (c.num_image_tokens,):
@@ -100,13 +95,7 @@ class VLM:
             feature_valid = emb.reshape(-1, c.num_image_tokens)
             im = im.astype(np.float32)
         elif pv is not None:
-            self._check_pixels("pixel_values", pv, c.siglip.image_size)
-            if c.is_hybrid:
-                if hv is None:
-                    raise InputError("the hybrid model needs high_res_pixel_values with pixel_values")
-                self._check_pixels("high_res_pixel_values", hv, c.sam.image_size)
-                if hv.shape[0] != pv.shape[0]:
-                    raise InputError(f"{pv.shape[0]} low-res but {hv.shape[0]} high-res images")
+            check_views(c, pv, hv)
             self.check_inputs(ids, pv.shape[0])
         else:
             self.check_inputs(ids, 0)
@@ -120,14 +109,12 @@ class VLM:
 
     def mesh_context(self):
         """Inside it, the logical activation constraints of the model apply to `self.mesh`."""
-        import contextlib
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     # ---- generation ----
     @functools.cached_property
     def generator(self):
         """The compiled generation programs (`dsvl_jax.generation.engine.Generator`), kept across calls."""
-        from dsvl_jax.generation.engine import Generator
         return Generator(self)
 
     def generate(self, input_ids, *, pixel_values=None, high_res_pixel_values=None, attention_mask=None,
