@@ -26,13 +26,13 @@ from dsvl_jax.demo import data, evaluate, recipe
 from dsvl_jax.processing.processor import Processor
 from dsvl_jax.processing.tokenizer import Tokenizer
 from dsvl_jax.processing.tokenizer_build import build_bpe_tokenizer
-from dsvl_jax.tasks.render import COLORS, Canvas, jitter
 from dsvl_jax.convert.orbax_io import load_orbax_params
-from dsvl_jax.train.trainer import train
 from dsvl_jax.runtime import VLM
+from dsvl_jax.tasks import scene
+from dsvl_jax.tasks.render import COLORS, Canvas, jitter
+from dsvl_jax.train.trainer import train
 
 PROBE_COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
 QUESTION = "What color is the shape?"
 
 
@@ -41,7 +41,7 @@ def colour_example(seed: int, index: int, image_size: int, balanced: bool = Fals
     `balanced`: the colour cycles with `index`, so that any answer that ignores the image scores exactly 1/6
     on a multiple of six examples (the held-out set)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1000, index]))
-    colour, shape = PROBE_COLORS[rng.integers(len(PROBE_COLORS))], SHAPES[rng.integers(len(SHAPES))]
+    colour, shape = PROBE_COLORS[rng.integers(len(PROBE_COLORS))], scene.SHAPES[rng.integers(len(scene.SHAPES))]
     if balanced:
         colour = PROBE_COLORS[index % len(PROBE_COLORS)]
     grey = int(rng.integers(200, 245))
@@ -49,12 +49,7 @@ def colour_example(seed: int, index: int, image_size: int, balanced: bool = Fals
     r = image_size * rng.uniform(0.12, 0.25)
     cx, cy = rng.uniform(r, image_size - r, size=2)
     fill = jitter(COLORS[colour], rng, 12)
-    if shape == "circle":
-        canvas.draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif shape == "square":
-        canvas.draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        canvas.draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    scene.draw_shape(canvas, shape, cx, cy, r, fill)
     image = canvas.finish(rng, 4.0)
     return tasks.Example(image, QUESTION, colour, "scene", f"probe-s{seed}-i{index}", kind="color")
 
@@ -63,7 +58,7 @@ def colour_example(seed: int, index: int, image_size: int, balanced: bool = Fals
 class ProbeSettings:
     n_train: int = 600
     n_eval: int = 120
-    steps: int = 200
+    steps: int = 300
     batch: int = 8
     lr: float = 2e-3
     image_size: int = 64

@@ -52,7 +52,7 @@ def _inventory(rng: np.random.Generator, kind: str, level: Difficulty) -> tuple[
     return others(int(rng.integers(1, level.max_shapes))), {}
 
 
-def _draw_shape(canvas: Canvas, shape: str, cx: float, cy: float, r: float, fill) -> None:
+def draw_shape(canvas: Canvas, shape: str, cx: float, cy: float, r: float, fill) -> None:
     if shape == "circle":
         canvas.draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
@@ -110,7 +110,7 @@ def build(rng: np.random.Generator, image_size: int, level: Difficulty = STANDAR
         else:
             raise RuntimeError(f"scene: could not place {len(items)} shapes at image_size={image_size}")
         fill = jitter(COLORS[color], rng, 10)
-        _draw_shape(canvas, shape, cx, cy, r, fill)
+        draw_shape(canvas, shape, cx, cy, r, fill)
         placed.append({"shape": shape, "color": color, "cx": float(cx), "cy": float(cy), "r": float(r),
                        "fill": list(fill)})
 
