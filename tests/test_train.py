@@ -10,12 +10,7 @@ from flax import traverse_util
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train import stages
 from dsvl_jax.train.trainer import train
-from tests.helpers.train_fixtures import make_corpus, tiny_config
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("corpus")))
+from tests.helpers.train_fixtures import tiny_config
 
 
 def _params(workdir):

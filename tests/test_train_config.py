@@ -9,14 +9,9 @@ import pytest
 
 from dsvl_jax.train.trainer import train
 from dsvl_jax.train.validate import ConfigError, check
-from tests.helpers.train_fixtures import make_corpus, tiny_config
+from tests.helpers.train_fixtures import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("corpus")))
 
 
 def _bad(corpus, **kw):
