@@ -75,6 +75,7 @@ def test_tiny_train_step_compiles_for_v5p_with_memory_and_flops():
     assert "fits" in text and "MFU" in text
 
 
+@pytest.mark.heavy  # the 4-chip test below checks the kernel inside the (sharded) train step in make test
 def test_sam_pallas_kernel_compiles_inside_the_train_step_on_one_chip():
     tool = aot_tool()
     plan = tool.compile_plan(tiny_stage2(), "v5p:2x2x1", (1, 1, 1), batch=2, seq_len=96,
