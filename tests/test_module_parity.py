@@ -37,7 +37,8 @@ def _torch(model, fn, *arrays):
     with torch.no_grad():
         r32 = fn(model, *(torch.from_numpy(a) for a in arrays)).numpy()
         with R.float64_reference(m64):
-            r64 = fn(m64, *(torch.from_numpy(a.astype(np.float64) if a.dtype.kind == "f" else a) for a in arrays)).numpy()
+            r64 = fn(m64, *(torch.from_numpy(a.astype(np.float64) if a.dtype.kind == "f" else a)
+                            for a in arrays)).numpy()
     assert r64.dtype == np.float64
     return r32.astype(np.float64), r64
 
