@@ -18,8 +18,9 @@ $(STAMP): setup.py
 venv: $(STAMP)
 
 # The suite runs on 8 forced CPU devices (tests/conftest.py sets XLA_FLAGS before JAX starts).
+# `-m` is explicit in both targets (pytest.ini's addopts says the same for a bare `pytest`; a later -m wins).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not heavy" tests
 
 # The demo: a tiny hybrid DeepSeek-VL learns the embedded task suite on this CPU (see README, "The demo").
 # Flags: make demo DEMO_ARGS="--steps 2000 --token-merge both" (python -m dsvl_jax.demo --help lists them).
@@ -27,7 +28,7 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(BIN)/python -m dsvl_jax.demo $(DEMO_ARGS)
 
-# Tests marked heavy (real-width models, long soaks); not part of `make test`.
+# Exactly the tests marked heavy (real-width models, long soaks); `make test` runs shorter variants of them.
 test-heavy: $(STAMP)
 	$(BIN)/python -m pytest -q -m heavy tests
 

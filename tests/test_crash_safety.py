@@ -1,5 +1,6 @@
-"""Crash safety: the trainer CLI is killed with SIGKILL at 10 seeded random points (during start-up and
-restore, mid-step, mid-checkpoint-save) and restarted each time until the run is done. Then:
+"""Crash safety: the trainer CLI is killed with SIGKILL at seeded random points (during start-up and
+restore, mid-step, mid-checkpoint-save) and restarted each time until the run is done: 3 kills in 8 steps
+(one of each kind) in `make test`, the 10-kill, 16-step soak in `make test-heavy`. Then:
 
 - the final training state (params, optimizer state, counters) and the data iterator state are
   bit-identical to those of an uninterrupted run;
@@ -11,7 +12,7 @@ restore, mid-step, mid-checkpoint-save) and restarted each time until the run is
 
 Kill points are drawn from a seeded generator relative to what the run has done (the n-th step or
 save after the restart), so their kinds are reproducible; the exact instants depend on timing, and
-each kill is classified by what was on disk when it landed. Costs about 12 process start-ups (each
+each kill is classified by what was on disk when it landed. Costs kills + 2 process start-ups (each
 a few seconds of imports and tracing; compiled programs come from the shared compilation cache).
 """
 from __future__ import annotations
@@ -28,11 +29,15 @@ import time
 import jax
 import pytest
 
-from tests.helpers.train_fixtures import checkpoint_state, make_corpus
+from tests.helpers.train_fixtures import checkpoint_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOTAL_STEPS = 16
-KILLS = 10
+# (steps, planned kills by kind, least kills that must land in each phase); "full" is the 10-kill soak.
+SOAKS = {
+    "short": (8, ["save", "step", "startup"], {"mid-save": 1, "mid-step": 1, "startup/restore": 1}),
+    "full": (16, ["save"] * 3 + ["step"] * 3 + ["startup"] + ["any"] * 3,
+             {"mid-save": 2, "mid-step": 2, "startup/restore": 1}),
+}
 SEED = 1234
 LAUNCH_TIMEOUT_S = 600
 TMP = ".orbax-checkpoint-tmp"
@@ -57,9 +62,9 @@ def get_config(arg="stage2"):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("crash")
-    sources, tokenizer = make_corpus(str(root))
+    sources, tokenizer = corpus
     (root / "corpus.json").write_text(json.dumps({"sources": sources, "tokenizer": tokenizer}))
     cfg_file = root / "crash_config.py"
     cfg_file.write_text(CONFIG_FILE.format(tiny=os.path.join(REPO, "configs", "tiny.py")))
@@ -76,9 +81,9 @@ def _env():
     return env
 
 
-def _launch(cfg_file: str, workdir: str, log_path: str) -> subprocess.Popen:
+def _launch(cfg_file: str, workdir: str, log_path: str, total: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "dsvl_jax.train.cli", f"--config={cfg_file}:stage2", f"--workdir={workdir}",
-           f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint.every=1", "--config.log_every=1",
+           f"--config.total_steps={total}", "--config.checkpoint.every=1", "--config.log_every=1",
            "--config.debug.log_records=True"]
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -142,16 +147,16 @@ def _kill_when(proc, workdir, log_path, trigger, delay_s: float, lines_before: i
     proc.wait()
 
 
-def _plan(rng: random.Random) -> list[str]:
-    kinds = ["save"] * 3 + ["step"] * 3 + ["startup"] + [rng.choice(["save", "step", "time"]) for _ in range(3)]
+def _plan(rng: random.Random, planned: list[str]) -> list[str]:
+    kinds = [rng.choice(["save", "step", "time"]) if k == "any" else k for k in planned]
     rng.shuffle(kinds)
     return kinds
 
 
-def _kill_point(kind: str, resume: int, rng: random.Random, launched: float):
+def _kill_point(kind: str, resume: int, rng: random.Random, launched: float, total: int):
     """(trigger, delay) for a kill of `kind` in a run that resumes at step `resume`. `k` counts the steps
     (or saves) of this run; it is kept small enough that the run never finishes before its kill."""
-    k = rng.randint(1, max(1, min(3, TOTAL_STEPS - 3 - resume)))
+    k = rng.randint(1, max(1, min(3, total - 3 - resume)))
     if kind == "startup":  # imports, tracing, restore: before or around the first step
         at = launched + rng.uniform(0.5, 8.0)
         return (lambda lines, done, part: time.monotonic() >= at), 0.0
@@ -193,23 +198,27 @@ def _data_state(workdir: str, step: int) -> dict:
 
 
 @pytest.mark.slow
-def test_kill_anywhere_and_resume_is_exact(setup):
+@pytest.mark.parametrize("soak", ["short", pytest.param("full", marks=pytest.mark.heavy)])
+def test_kill_anywhere_and_resume_is_exact(setup, soak):
     root, cfg_file, sources, tokenizer = setup
+    root = root / soak
+    root.mkdir()
+    total, planned, least = SOAKS[soak]
     ref_dir, ref_log = str(root / "reference"), str(root / "reference.log")
-    reference = _launch(cfg_file, ref_dir, ref_log)  # runs alongside the killed one
+    reference = _launch(cfg_file, ref_dir, ref_log, total)  # runs alongside the killed one
     wd, log_path = str(root / "killed"), str(root / "killed.log")
     rng = random.Random(SEED)
     history = []
-    for i, kind in enumerate(_plan(rng)):
+    for i, kind in enumerate(_plan(rng, planned)):
         done_before, _ = _checkpoints(wd)
         resume = done_before[-1] if done_before else 0
-        if TOTAL_STEPS - resume < 4:
+        if total - resume < 4:
             kind = "startup"  # too close to the end for a kill that needs steps
         lines_before = len(_record_lines(wd))
         log_offset = os.path.getsize(log_path) if os.path.exists(log_path) else 0
         since = time.time()  # a temporary folder older than this run is a leftover of an earlier kill
-        proc = _launch(cfg_file, wd, log_path)
-        trigger, delay = _kill_point(kind, resume, rng, time.monotonic())
+        proc = _launch(cfg_file, wd, log_path, total)
+        trigger, delay = _kill_point(kind, resume, rng, time.monotonic(), total)
         _kill_when(proc, wd, log_path, trigger, delay, lines_before, since)
         new_lines, (done, part) = _record_lines(wd)[lines_before:], _checkpoints(wd, since)
         history.append(dict(kill=i, planned=kind, phase=_classify(new_lines, done, part), resume=resume,
@@ -219,34 +228,34 @@ def test_kill_anywhere_and_resume_is_exact(setup):
         assert history[-1]["resumed"] in (([], [resume]) if done_before else ([],)), history[-1]
     done_before = _checkpoints(wd)[0]
     log_offset = os.path.getsize(log_path)
-    _wait_exit(_launch(cfg_file, wd, log_path), log_path)
+    _wait_exit(_launch(cfg_file, wd, log_path, total), log_path)
     assert _resumed_at(_log_since(log_path, log_offset)) == done_before[-1:]
     _wait_exit(reference, ref_log)
 
     phases = collections.Counter(h["phase"] for h in history)
     report = "\n".join(str(h) for h in history)
-    assert len(history) == KILLS
+    assert len(history) == len(planned)
     # every kind of kill really happened (a kill that missed its window is classified by what it hit)
-    assert phases["mid-save"] >= 2 and phases["mid-step"] >= 2 and phases["startup/restore"] >= 1, report
-    assert _checkpoints(wd)[0][-1] == TOTAL_STEPS
+    assert all(phases[p] >= n for p, n in least.items()), report
+    assert _checkpoints(wd)[0][-1] == total
 
     # the final state and the data iterator's state: bit-identical to the uninterrupted run
-    a, b = checkpoint_state(ref_dir, TOTAL_STEPS), checkpoint_state(wd, TOTAL_STEPS)
+    a, b = checkpoint_state(ref_dir, total), checkpoint_state(wd, total)
     assert a.keys() == b.keys()
     differ = [k for k in a if a[k].dtype != b[k].dtype or a[k].tobytes() != b[k].tobytes()]
     assert not differ, differ[:5]
-    assert _data_state(ref_dir, TOTAL_STEPS) == _data_state(wd, TOTAL_STEPS)
+    assert _data_state(ref_dir, total) == _data_state(wd, total)
 
     # the record-id log: re-done steps list the same records; deduplicated, exactly the reference's
     ref_lines, lines = _record_lines(ref_dir), _record_lines(wd)
-    assert [r["step"] for r in ref_lines] == list(range(TOTAL_STEPS))
+    assert [r["step"] for r in ref_lines] == list(range(total))
     by_step = collections.defaultdict(list)
     for r in lines:
         by_step[r["step"]].append(r["codes"])
-    assert sorted(by_step) == list(range(TOTAL_STEPS))
+    assert sorted(by_step) == list(range(total))
     for step, seen in by_step.items():
         assert all(c == seen[0] for c in seen), f"step {step} read different records when re-done"
-    consumed = [c for s in range(TOTAL_STEPS) for c in by_step[s][0]]
+    consumed = [c for s in range(total) for c in by_step[s][0]]
     reference_codes = [c for r in ref_lines for c in r["codes"]]
     assert consumed == reference_codes
     repeated = len(consumed) - len(set(consumed))
@@ -271,7 +280,7 @@ def test_kill_anywhere_and_resume_is_exact(setup):
         json.load(f)
     replays = sum(len(v) - 1 for v in by_step.values())
     print(f"\ncrash safety: {len(history)} kills survived {dict(phases)}; {len(consumed)} record slots in "
-          f"{TOTAL_STEPS} steps ({len(ids)} distinct records), {replays} step(s) re-done after resumes, "
+          f"{total} steps ({len(ids)} distinct records), {replays} step(s) re-done after resumes, "
           f"{repeated} repeated, {lost} lost\n{report}")
 
 

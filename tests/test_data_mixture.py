@@ -76,12 +76,27 @@ def cheap_corpus(tmp_path_factory):
     return tok, sources
 
 
-def test_record_stream_uses_the_selection(cheap_corpus):
+def test_record_stream_mixes_sources_in_their_weights(cheap_corpus):
+    """Counted over many draws, the stream's sources follow the weights (within 5 binomial standard deviations:
+    a chance failure of an honest random mix is below 1e-6; grain's exact-proportion mix is far closer), each
+    draw is a record of the source it is tagged with, and each source's records come as whole epochs."""
     _, sources = cheap_corpus
     mm = [s for s in sources if s.modality == "multimodal"]
+    n = 4000
     stream = L.record_stream(mm, M.MULTIMODAL, seed=0, process_index=0, process_count=1, num_epochs=None)
-    names = [stream[i]["source"] for i in range(600)]
-    assert names == [mm[k].name for k in M.source_selection([s.weight for s in mm], 600)]
+    draws = [stream[i] for i in range(n)]
+    ids = collections.defaultdict(list)
+    for d in draws:
+        rec = R.deserialize(d["raw"])
+        assert rec.source == d["source"] and rec.record_id.startswith(d["source"] + "-")
+        ids[d["source"]].append(rec.record_id)
+    total = sum(s.weight for s in mm)
+    for s in mm:
+        p = s.weight / total
+        assert abs(len(ids[s.name]) / n - p) <= 5 * np.sqrt(p * (1 - p) / n), (s.name, len(ids[s.name]) / n, p)
+        epochs = len(ids[s.name]) // 40  # 40 records a source: every whole epoch holds each exactly once
+        assert epochs >= 2
+        assert set(collections.Counter(ids[s.name][:40 * epochs]).values()) == {epochs}
 
 
 @pytest.mark.parametrize("grouping", [False, True])

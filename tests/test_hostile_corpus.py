@@ -30,7 +30,7 @@ from dsvl_jax.data.transforms import ExampleMaker, image_error_reason
 from dsvl_jax.processing import image as image_lib
 from dsvl_jax.processing.tokenizer import Tokenizer
 from dsvl_jax.train import trainer, validate
-from tests.helpers.train_fixtures import make_corpus, tiny_config
+from tests.helpers.train_fixtures import tiny_config
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hostile")
 FILES = os.path.join(HERE, "files")
@@ -122,11 +122,6 @@ def file_bytes(ref, tmp_path) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("corpus")))
-
-
 @pytest.fixture(scope="module")
 def maker(corpus):
     return ExampleMaker(Tokenizer.from_file(corpus[1]), CFG)

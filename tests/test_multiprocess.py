@@ -7,8 +7,11 @@ each process reading its own data shard (tpu/local_cluster.py starts them).
 - The two processes equal one process on 8 devices: the same records in every step, the same losses,
   the same parameters (both read the corpus as 2 data shards).
 - kill -9 one of them mid-run: the other aborts within the heartbeat timeout, naming the cause.
-- Start both again: they resume from the last complete checkpoint and end bit-identical to the
-  uninterrupted two-process run.
+- Start both again: they resume from the last complete checkpoint and end as one process does.
+
+`make test` launches the pair twice (the killed run and its restart, which is then compared with one
+process); `make test-heavy` adds the uninterrupted pair: it equals one process too, and the restarted run
+equals it bit for bit.
 """
 from __future__ import annotations
 
@@ -27,10 +30,10 @@ from dsvl_jax.data import loader as L
 from dsvl_jax.data.mixture import SourceConfig
 from dsvl_jax.processing.tokenizer import Tokenizer
 from dsvl_jax.train.trainer import train
-from tests.helpers.train_fixtures import make_corpus, tiny_config
+from tests.helpers.train_fixtures import tiny_config
 from tpu import local_cluster
 
-STEPS, EVERY = 16, 4
+STEPS, EVERY = 8, 4  # 8 steps: the same programs as the crash-safety test (shared through the compilation cache)
 HEARTBEAT = 10  # seconds without a heartbeat before the survivor aborts
 RUN_TIMEOUT = 600  # one launch (two compiles side by side) took 2-4 min on a 2-core machine at load 10
 OVERRIDES = {"total_steps": STEPS, "log_every": 1, "checkpoint.every": EVERY, "data.shard_count": 2,
@@ -107,9 +110,9 @@ def _complete_steps(workdir) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("multiprocess")
-    sources, tokenizer = make_corpus(str(root))
+    sources, tokenizer = corpus
     return root, sources, tokenizer, _config_file(str(root), sources, tokenizer)
 
 
@@ -123,10 +126,37 @@ def one_process(setup):
 
 @pytest.fixture(scope="module")
 def two_processes(setup):
+    """The pair, never interrupted."""
     root, *_, config_file = setup
     workdir = str(root / "two")
     _finish(_launch(config_file, workdir))
     return workdir
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(setup):
+    """The pair, process 1 killed with SIGKILL once the first checkpoint is complete, then both started again.
+    Returns (workdir, what happened to process 0, the last complete checkpoint before the restart)."""
+    root, *_, config_file = setup
+    workdir = str(root / "killed")
+    cluster = _launch(config_file, workdir)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while EVERY not in _complete_steps(workdir):  # the first checkpoint is complete: kill mid-run
+        if any(p.poll() is not None for p in cluster.processes) or time.monotonic() > deadline:
+            cluster.kill()
+            pytest.fail("the run ended before the first checkpoint\n" + cluster.tail(0))
+        time.sleep(0.02)
+    cluster.processes[1].kill()
+    killed_at = time.monotonic()
+    codes = cluster.wait(HEARTBEAT + 50)
+    waited = time.monotonic() - killed_at
+    cluster.kill()
+    print(f"process 0 exited with code {codes[0]} {waited:.1f} s after process 1 was killed "
+          f"(heartbeat timeout {HEARTBEAT} s)")
+    survivor = dict(code=codes[0], waited=waited, log=cluster.tail(0, 20000))
+    done = _complete_steps(workdir)
+    _finish(_launch(config_file, workdir))  # both again, same command
+    return workdir, survivor, done
 
 
 def test_data_shards_reassemble_the_one_process_batch(setup):
@@ -155,8 +185,7 @@ def test_data_shards_reassemble_the_one_process_batch(setup):
                               **kw)
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one(one_process, two_processes):
+def _assert_equal_one(one_process, two_processes):
     # the data: process p's rows are data shard p; together they are the single process's batch
     one, two = _codes(one_process, 0), [_codes(two_processes, p) for p in (0, 1)]
     assert sorted(one) == sorted(two[0]) == sorted(two[1]) == list(range(STEPS))
@@ -176,34 +205,33 @@ def test_two_processes_equal_one(one_process, two_processes):
 
 
 @pytest.mark.slow
-def test_killed_process_stops_the_other_and_restart_resumes(setup, two_processes):
-    root, *_, config_file = setup
-    workdir = str(root / "killed")
-    cluster = _launch(config_file, workdir)
-    deadline = time.monotonic() + RUN_TIMEOUT
-    while EVERY not in _complete_steps(workdir):  # the first checkpoint is complete: kill mid-run
-        if any(p.poll() is not None for p in cluster.processes) or time.monotonic() > deadline:
-            cluster.kill()
-            pytest.fail("the run ended before the first checkpoint\n" + cluster.tail(0))
-        time.sleep(0.02)
-    cluster.processes[1].kill()
-    killed_at = time.monotonic()
-    codes = cluster.wait(HEARTBEAT + 50)
-    waited = time.monotonic() - killed_at
-    cluster.kill()
-    print(f"process 0 exited with code {codes[0]} {waited:.1f} s after process 1 was killed "
-          f"(heartbeat timeout {HEARTBEAT} s)")
-    assert codes[0] is not None, f"process 0 still running {waited:.0f} s after process 1 died"
-    assert codes[0] != 0, "process 0 finished the run although process 1 was killed mid-run"
-    log = cluster.tail(0, 20000)
+def test_killed_process_stops_the_other_and_restart_resumes(killed_and_resumed):
+    workdir, survivor, done = killed_and_resumed
+    assert survivor["code"] is not None, f"process 0 still running {survivor['waited']:.0f} s after process 1 died"
+    assert survivor["code"] != 0, "process 0 finished the run although process 1 was killed mid-run"
+    log = survivor["log"]
     assert "another task died" in log or "stopped sending heartbeats" in log, log[-3000:]
-
-    done = _complete_steps(workdir)
     assert EVERY <= done[-1] < STEPS, done
-    _finish(_launch(config_file, workdir))  # both again, same command
     log = open(os.path.join(workdir, "process_0.log")).read()
     assert f"resumed from {workdir} at step {done[-1]}" in log
-    # the same end as the run that was never interrupted, bit for bit
+    assert _complete_steps(workdir)[-1] == STEPS
+
+
+@pytest.mark.slow
+def test_two_processes_through_a_restart_equal_one(one_process, killed_and_resumed):
+    _assert_equal_one(one_process, killed_and_resumed[0])
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_two_processes_equal_one(one_process, two_processes):
+    _assert_equal_one(one_process, two_processes)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_restart_ends_bit_identical_to_the_uninterrupted_run(two_processes, killed_and_resumed):
+    workdir, _, done = killed_and_resumed
     pa, pb = _params(two_processes), _params(workdir)
     assert pa.keys() == pb.keys()
     assert all(np.array_equal(np.asarray(pa[k]), np.asarray(pb[k])) for k in pa)

@@ -18,19 +18,13 @@ from flax import traverse_util
 
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train.trainer import TrainingDiverged, train
-from tests.helpers.train_fixtures import checkpoint_state, make_corpus, tiny_config
+from tests.helpers.train_fixtures import checkpoint_state, tiny_config
 
 NAN_STEPS = (1, 7, 8, 9)  # 1 alone; 7, 8, 9 in a row
 INF_LOSS_STEPS = (3,)
 INF_GRAD_STEPS = (5,)
 TOTAL = 12
 COUNTERS = ("step", "bad_steps", "skipped")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    sources, tokenizer = make_corpus(str(tmp_path_factory.mktemp("corpus")))
-    return [s for s in sources if s["modality"] == "text"], tokenizer
 
 
 def _config(corpus, **kw):
@@ -49,10 +43,10 @@ def _counter(state, name) -> int:
 
 
 @pytest.mark.slow
-def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(corpus, tmp_path):
+def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(text_corpus, tmp_path):
     wd = str(tmp_path / "run")
     stop = 7  # steps 0..6: the three isolated faults, each followed by a good step
-    summary = train(_config(corpus, **{"debug.stop_after": stop}), wd)
+    summary = train(_config(text_corpus, **{"debug.stop_after": stop}), wd)
     assert summary["stopped_at"] == stop and summary["skipped"] == 3
     states = {s: checkpoint_state(wd, s) for s in range(1, stop + 1)}
     bad = set(NAN_STEPS + INF_LOSS_STEPS + INF_GRAD_STEPS)
@@ -77,10 +71,10 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(corpus, tmp_pa
 
 
 @pytest.mark.slow
-def test_bad_steps_in_a_row_stop_training_with_the_last_good_checkpoint(corpus, tmp_path):
+def test_bad_steps_in_a_row_stop_training_with_the_last_good_checkpoint(text_corpus, tmp_path):
     wd = str(tmp_path / "run")
     with pytest.raises(TrainingDiverged) as err:
-        train(_config(corpus, max_bad_steps=3), wd)
+        train(_config(text_corpus, max_bad_steps=3), wd)
     # the isolated faults (1, 3, 5) did not count towards the limit; 7, 8, 9 did: it stops after step 9
     msg = str(err.value)
     m = re.fullmatch(r"3 non-finite steps in a row at step 10 \(limit config\.max_bad_steps=3\); the last good "

@@ -73,6 +73,20 @@ def test_sam_global_shape_compiles_in_an_eighth_of_one_logits_array(topology):
 def test_small_padded_and_tall_shapes_compile(topology, dtype, grid):
     """float32 inputs (full-precision MXU passes), a token count that needs padding + key masks
     (14 x 20 = 280 -> 384) and a grid side over 64 (h and w bias rows in separate lane tiles)
-    also lower through Mosaic."""
-    compile_train_step(one_chip(topology), "pallas", heads=2, grid=grid, head_dim=64, dtype=dtype,
-                       block_q=128, block_k=128)
+    also lower through Mosaic: the three kernels are in the program, no tokens x tokens array is, and the
+    compiled step returns a float32 loss and one gradient per input, each with its input's shape and dtype."""
+    heads, head_dim = 2, 64
+    compiled = compile_train_step(one_chip(topology), "pallas", heads=heads, grid=grid, head_dim=head_dim,
+                                  dtype=dtype, block_q=128, block_k=128)
+    hlo = compiled.as_text()
+    for name in ("relpos_flash_fwd", "relpos_flash_dkv", "relpos_flash_dq"):
+        assert name in hlo, f"{name} kernel missing from the compiled program"
+    n = grid[0] * grid[1]
+    padded = -(-n // 128) * 128
+    for side in {n, padded}:
+        assert f"{side},{side}]" not in hlo, f"a {side} x {side} array appears in the compiled program"
+    loss, grads = compiled.out_info
+    assert (loss.shape, loss.dtype) == ((), jnp.float32)
+    want = [((1, heads, n, head_dim), dtype)] * 3 + [((2 * grid[0] - 1, head_dim), jnp.float32),
+                                                     ((2 * grid[1] - 1, head_dim), jnp.float32)]
+    assert [(g.shape, g.dtype) for g in grads] == want

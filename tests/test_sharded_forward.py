@@ -24,12 +24,19 @@ def _batch(cfg, seed=0):
     return ids, pv, hv
 
 
+@pytest.fixture(scope="module")
+def single_device(checkpoint):
+    """The batch and its float32 logits on one device (the reference of every test here)."""
+    cfg, path = checkpoint
+    ids, pv, hv = _batch(cfg)
+    return (ids, pv, hv), np.asarray(load_pretrained(path)(ids, pixel_values=pv, high_res_pixel_values=hv))
+
+
 @pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2), (8, 1, 1)])
-def test_sharded_forward_equals_single_device(checkpoint, mesh_shape):
+def test_sharded_forward_equals_single_device(checkpoint, single_device, mesh_shape):
     cfg, path = checkpoint
     assert jax.device_count() == 8
-    ids, pv, hv = _batch(cfg)
-    single = np.asarray(load_pretrained(path)(ids, pixel_values=pv, high_res_pixel_values=hv))
+    (ids, pv, hv), single = single_device
     mesh = sharding.make_mesh(*mesh_shape)
     vlm = load_pretrained(path, mesh=mesh)
     # the parameters really are sharded (tensor over heads/MLP, fsdp over the width)
@@ -42,10 +49,9 @@ def test_sharded_forward_equals_single_device(checkpoint, mesh_shape):
     assert np.abs(out - single).max() <= 1e-5
 
 
-def test_bf16_forward_within_bf16_tolerance(checkpoint):
+def test_bf16_forward_within_bf16_tolerance(checkpoint, single_device):
     cfg, path = checkpoint
-    ids, pv, hv = _batch(cfg, seed=1)
-    ref = np.asarray(load_pretrained(path)(ids, pixel_values=pv, high_res_pixel_values=hv))
+    (ids, pv, hv), ref = single_device
     vlm16 = load_pretrained(path, dtype="bfloat16")
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(vlm16.params))
     out = np.asarray(vlm16(ids, pixel_values=pv, high_res_pixel_values=hv))

@@ -26,18 +26,12 @@ from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train import checkpointing
 from dsvl_jax.train.checkpointing import CheckpointSaveError
 from dsvl_jax.train.trainer import train
-from tests.helpers.train_fixtures import make_corpus, tiny_config
+from tests.helpers.train_fixtures import tiny_config
 
 TOTAL = 3
 FAULT_AT = 2  # the save of checkpoint 2 meets the fault; checkpoint 1 is the previous one
 NOBODY = 65534
 MESSAGES = {"unwritable": "Permission denied", "full": "File too large"}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    sources, tokenizer = make_corpus(str(tmp_path_factory.mktemp("corpus")))
-    return [s for s in sources if s["modality"] == "text"], tokenizer  # one compiled step
 
 
 def _config(corpus):
@@ -89,7 +83,7 @@ def _flat(params) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["unwritable", "full"])
-def test_save_fault_gives_clear_error_and_keeps_previous_checkpoint(corpus, tmp_path, monkeypatch, fault):
+def test_save_fault_gives_clear_error_and_keeps_previous_checkpoint(text_corpus, tmp_path, monkeypatch, fault):
     wd = str(tmp_path / "run")
     ckdir = os.path.join(wd, "checkpoints")
     real_save = checkpointing.Checkpointer.save
@@ -107,7 +101,7 @@ def test_save_fault_gives_clear_error_and_keeps_previous_checkpoint(corpus, tmp_
 
     monkeypatch.setattr(checkpointing.Checkpointer, "save", save_with_fault)
     with stack, pytest.raises(CheckpointSaveError) as err:
-        train(_config(corpus), wd)
+        train(_config(text_corpus), wd)
     msg = str(err.value)
     assert f"checkpoint {FAULT_AT} under {ckdir} failed" in msg and MESSAGES[fault] in msg, msg
     print(f"\n{fault} workdir at save time: {msg}")
@@ -121,7 +115,7 @@ def test_save_fault_gives_clear_error_and_keeps_previous_checkpoint(corpus, tmp_
 
     # storage is back: the restart resumes from it and re-creates the state the failed save held
     monkeypatch.setattr(checkpointing.Checkpointer, "save", real_save)
-    summary = train(_config(corpus), wd)
+    summary = train(_config(text_corpus), wd)
     assert summary["step"] == TOTAL
     _, redone = load_orbax_params(wd, FAULT_AT)
     redone = _flat(redone)

@@ -10,12 +10,7 @@ from flax import traverse_util
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train import stages
 from dsvl_jax.train.trainer import train
-from tests.helpers.train_fixtures import make_corpus, tiny_config
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(str(tmp_path_factory.mktemp("corpus")))
+from tests.helpers.train_fixtures import tiny_config
 
 
 def _params(workdir):
@@ -74,7 +69,7 @@ def test_stage_chain_trains_exactly_the_paper_sets(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(corpus, tmp_path):
-    k = 3
+    k = 4  # 8 steps: the programs of the crash-safety test, served by the compilation cache
     full = str(tmp_path / "full")
     train(_cfg(corpus, "stage2", total_steps=2 * k, **{"debug.log_records": True}), full)
     part = str(tmp_path / "part")

@@ -83,3 +83,73 @@ def torch_logits(model, input_ids, pixel_values=None, high_res_pixel_values=None
         kw["attention_mask"] = torch.from_numpy(np.asarray(attention_mask))
     with torch.no_grad():
         return model(input_ids=torch.from_numpy(np.asarray(input_ids)), **kw).logits.float().numpy()
+
+
+# ---- a float64 reference ---------------------------------------------------------------------------
+def float64_copy(model):
+    """A float64 copy of `model` (the same weights, exactly: float32 -> float64 is lossless)."""
+    import copy
+    return copy.deepcopy(model).double().eval()
+
+
+class float64_reference:
+    """Context in which transformers' DeepSeek-VL modules compute in float64 end to end.
+
+    `model.double()` alone is not enough: transformers upcasts to float32 in places (softmax(dtype=float32)
+    in the attention functions, LlamaRMSNorm's `.to(torch.float32)`, the rotary angles' `.float()`), which
+    would leave float32 rounding in the reference. Inside this context those steps keep float64 inputs in
+    float64 (float32 inputs are untouched). A forward hook on every module checks that no float32 tensor
+    leaves any module of the float64 model, so an upcast added by a future transformers shows up here.
+    """
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        import torch.nn.functional as F
+        from transformers.models.llama import modeling_llama as ML
+
+        self._saved = [(F, "softmax", F.softmax), (ML.LlamaRMSNorm, "forward", ML.LlamaRMSNorm.forward),
+                       (ML.LlamaRotaryEmbedding, "forward", ML.LlamaRotaryEmbedding.forward)]
+        softmax, rms, rope = (s[2] for s in self._saved)
+
+        def softmax64(x, *args, dtype=None, **kw):
+            return softmax(x, *args, dtype=None if x.dtype == torch.float64 else dtype, **kw)
+
+        def rms64(norm, h):
+            if h.dtype != torch.float64:
+                return rms(norm, h)
+            variance = h.pow(2).mean(-1, keepdim=True)
+            return norm.weight * (h * torch.rsqrt(variance + norm.variance_epsilon))
+
+        def rope64(emb, x, position_ids):
+            if x.dtype != torch.float64:
+                return rope(emb, x, position_ids)
+            # inv_freq is the float32 buffer transformers computed (our implementation computes the same
+            # float32 values); the angles, cos and sin are float64.
+            freqs = position_ids[..., None].double() * emb.inv_freq.to(torch.float64)
+            angles = torch.cat((freqs, freqs), dim=-1)
+            return angles.cos() * emb.attention_scaling, angles.sin() * emb.attention_scaling
+
+        F.softmax, ML.LlamaRMSNorm.forward, ML.LlamaRotaryEmbedding.forward = softmax64, rms64, rope64
+        self._hooks = [m.register_forward_hook(self._check) for m in self.model.modules()]
+        return self
+
+    @staticmethod
+    def _check(module, args, out):
+        if isinstance(out, torch.Tensor):
+            outs = [out]
+        elif isinstance(out, dict):  # ModelOutput
+            outs = list(out.values())
+        else:
+            outs = list(out) if isinstance(out, (tuple, list)) else []
+        for t in outs:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                assert t.dtype == torch.float64, f"{type(module).__name__} returned {t.dtype} in the float64 reference"
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        for owner, name, fn in self._saved:
+            setattr(owner, name, fn)
+        return False
