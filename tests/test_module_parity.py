@@ -10,6 +10,7 @@ import torch
 
 from dsvl_jax import config as C
 from dsvl_jax.convert.load import load_pretrained
+from dsvl_jax.runtime import VLM
 from tests.helpers import torch_ref as R
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -159,7 +160,6 @@ def test_decoder(tiny_pair):
 def test_parity_check_sees_a_small_weight_error(tiny_hybrid):
     """The bound has teeth: the decoder's final norm scaled by 1 + 1e-5 (logits off by ~1.5e-5, which a fixed
     1e-4 tolerance would pass) fails it."""
-    from dsvl_jax.vlm import VLM
     model, vlm = tiny_hybrid
     params = dict(vlm.params, language_model=dict(vlm.params["language_model"]))
     norm = params["language_model"]["norm"]
