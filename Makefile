@@ -20,7 +20,7 @@ venv: $(STAMP)
 # The suite runs on 8 forced CPU devices (tests/conftest.py sets XLA_FLAGS before JAX starts).
 # `-m` is explicit in both targets (pytest.ini's addopts says the same for a bare `pytest`; a later -m wins).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not heavy" tests
+	$(BIN)/python -m pytest -q -m "not heavy" --durations=15 tests
 
 # The demo: a tiny hybrid DeepSeek-VL learns the embedded task suite on this CPU (see README, "The demo").
 # Flags: make demo DEMO_ARGS="--steps 2000 --token-merge both" (python -m dsvl_jax.demo --help lists them).

@@ -60,6 +60,8 @@ def test_stream_feeds_the_loader(tok):
     assert batch["image_mask"].sum() >= 2 and batch["loss_mask"].sum() > 0
     with pytest.raises(ValueError, match="'qa'.*cannot load generator"):
         loader.open_source(SourceConfig("qa", generator="dsvl_jax.demo.stream:NoSuchSource"))
+    with pytest.raises(ValueError, match="'qa'.*must live in the dsvl_jax package"):
+        loader.open_source(SourceConfig("qa", generator="os:system"))
 
 
 @pytest.mark.parametrize("tags", [False, True])

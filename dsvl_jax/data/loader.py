@@ -136,9 +136,15 @@ def _stream_seed(seed: int, modality: int, k: int) -> int:
     return (seed * 1_000_003 + modality * 7_919 + k) % 2**32
 
 
+GENERATOR_PACKAGE = "dsvl_jax."
+
+
 def open_source(src: SourceConfig):
     if src.generator:
         module, _, name = src.generator.partition(":")
+        if not module.startswith(GENERATOR_PACKAGE):  # a config names a class; it never imports foreign code
+            raise ValueError(f"source {src.name!r}: generator {src.generator!r} must live in the "
+                             f"{GENERATOR_PACKAGE[:-1]} package")
         try:
             cls = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError) as e:
