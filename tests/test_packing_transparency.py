@@ -30,6 +30,7 @@ from dsvl_jax.processing.chat import EOS_TOKEN, IMAGE_TAG
 from dsvl_jax.processing.processor import Processor
 from dsvl_jax.processing.tokenizer_build import build_bpe_tokenizer
 from dsvl_jax.runtime import VLM
+from dsvl_jax.train.step import forward_hidden
 
 IMAGE_SIZE = 64
 SEQ_LEN = 192
@@ -112,13 +113,8 @@ def setup(tmp_path_factory):
 
 
 def _packed_logits(module, params, batch, text_only):
-    """The train step's model call (`dsvl_jax.train.step.make_loss_fn`), returning the logits."""
-    images = {}
-    if not text_only:
-        images = dict(pixel_values=batch["pixel_values"], high_res_pixel_values=batch.get("high_res_pixel_values"),
-                      image_valid=batch["image_mask"])
-    h, _ = module.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
-                        segment_ids=batch["segment_ids"], return_hidden=True, **images)
+    """The train step's own model call (`dsvl_jax.train.step.forward_hidden`), then the logits."""
+    h = forward_hidden(module, params, batch, text_only)
     return module.apply({"params": params}, h, method=DeepseekVL.logits_from_hidden)
 
 

@@ -28,15 +28,22 @@ def _microbatches(batch, n: int):
     return jax.tree.map(split, batch)
 
 
+def forward_hidden(module: DeepseekVL, params, batch, text_only: bool):
+    """The model call on a training batch (packed rows: positions and segment ids per row; image slots per row,
+    dropped on a text-only step) → final hidden states [B, T, D]."""
+    images = {}
+    if not text_only:
+        images = dict(pixel_values=batch["pixel_values"], high_res_pixel_values=batch.get("high_res_pixel_values"),
+                      image_valid=batch["image_mask"])
+    h, _ = module.apply({"params": params}, batch["input_ids"], positions=batch["positions"],
+                        segment_ids=batch["segment_ids"], return_hidden=True, **images)
+    return h
+
+
 def make_loss_fn(module: DeepseekVL, num_tasks: int, loss_chunk: int, text_only: bool):
     def loss_fn(trainable, frozen, mb):
         params = merge_params(trainable, jax.lax.stop_gradient(frozen))
-        images = {}
-        if not text_only:
-            images = dict(pixel_values=mb["pixel_values"], high_res_pixel_values=mb.get("high_res_pixel_values"),
-                          image_valid=mb["image_mask"])
-        h, _ = module.apply({"params": params}, mb["input_ids"], positions=mb["positions"],
-                            segment_ids=mb["segment_ids"], return_hidden=True, **images)
+        h = forward_hidden(module, params, mb, text_only)
         logits_fn = lambda hc: module.apply({"params": params}, hc, method=DeepseekVL.logits_from_hidden)
         loss, cnt, tl, tc = chunked_cross_entropy(h, logits_fn, mb["targets"], mb["loss_mask"], mb.get("task_ids"),
                                                   num_tasks, chunk=loss_chunk)
