@@ -27,8 +27,8 @@ from dsvl_jax.runtime import VLM
 from dsvl_jax.state import init_params
 from dsvl_jax.train.trainer import train
 
-CACHE = "jax_cache"
-STREAM_STAGE_OFFSET = 10_000_000  # each stage reads its own slice of the endless train stream  # XLA's persistent compilation cache, inside the workdir
+CACHE = "jax_cache"  # XLA's persistent compilation cache, inside the workdir
+STREAM_STAGE_OFFSET = 10_000_000  # each stage reads its own slice of the endless train stream
 STAGE_NAMES = {0: "stage 0 (every part from scratch)", 1: "stage 1 (adaptor warm-up)",
                2: "stage 2 (joint pretraining)", 3: "stage 3 (SFT)"}
 
@@ -169,7 +169,7 @@ def run(s: Settings) -> dict:
         os.path.join(workdir, "report.png"), curve=shown.curve, families=list(shown.after.per_family),
         columns={k: v.per_family for k, v in columns.items()},
         examples=_grid_examples(heldout, shown.after),
-        title=f"dsvl_jax demo: {shown.key}, {sum(s.steps)} steps, {len(heldout)} held-out requests")
+        title=f"dsvl_jax demo: {shown.key}, {s.stage0 + sum(s.steps)} steps, {len(heldout)} held-out requests")
     _say(f"\nreport: {summary['report']}")
     if "transformers_scores" in summary.get("transformers", {}):
         summary["transformers"]["transformers_scores"] = summary["transformers"]["transformers_scores"].as_dict()
@@ -196,7 +196,6 @@ class Variant:
     before: object
     after: object
     shuffled: object
-    seen: object
     curve: list
     train_wall: float
 
@@ -207,7 +206,7 @@ def variant_name(merge: int, tags: bool) -> str:
 
 def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, seen, prior, budget, merge: int,
                      tags: bool) -> tuple[dict, Variant]:
-    """Stages 1 → 2 → 3 of one variant (token merge, task-tag prompting), scored before, during and after."""
+    """Stages (0 →) 1 → 2 → 3 of one variant (token merge, task-tag prompting), scored before, during and after."""
     model = recipe.demo_model(tok.vocab_size, tok.image_token_id, merge, _size(s))
     processor = Processor(tok, model, system_prompt=data.SYSTEM_PROMPT)
     key = variant_name(merge, tags)
@@ -269,7 +268,7 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
         "stage_seconds": {str(k): v for k, v in stage_times.items()}, "train_wall_s": train_wall,
         "eval_s_per_request": after.seconds / max(1, len(heldout)), "checkpoint": os.path.join(prev, "checkpoints"),
         "curve": curve, "examples": [p for p in after.predictions[:12]]}
-    return record, Variant(key, merge, tags, vlm, processor, before, after, shuffled, seen_scores, curve, train_wall)
+    return record, Variant(key, merge, tags, vlm, processor, before, after, shuffled, curve, train_wall)
 
 
 def _grid_examples(heldout, scores, n: int = 12) -> list[tuple]:
