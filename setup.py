@@ -28,6 +28,7 @@ TEST_REQUIRES = [
     "torch==2.13.0",  # a CPU build lies on the dev machines' disk; other versions download GBs
     "transformers==5.24.0",
     "pytest==9.2.0",
+    "pytest-xdist==3.8.0",  # make test: two workers on a 2-core machine (one compiles while the other runs)
     "hypothesis",
 ]
 

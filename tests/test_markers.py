@@ -40,7 +40,16 @@ def _make_args(target: str) -> list[str]:
     text = open(os.path.join(ROOT, "Makefile")).read()
     recipe = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, re.M).group(1)
     (line,) = [x for x in recipe.splitlines() if "-m pytest" in x]
-    return [a for a in shlex.split(line.split("-m pytest", 1)[1]) if a != "-q"]  # -qq would hide the node ids
+    for name, value in re.findall(r"^(\w+) \?= *(.*)$", text, re.M):  # the recipe's make variables
+        line = line.replace(f"$({name})", value.strip())
+    args = shlex.split(line.split("-m pytest", 1)[1])
+    assert "$(" not in " ".join(args), line
+    out, skip = [], False
+    for a in args:  # -q (-qq would hide the node ids) and the xdist options, which do not select tests
+        if not skip and a not in ("-q", "-n", "--dist"):
+            out.append(a)
+        skip = a in ("-n", "--dist")
+    return out
 
 
 def _selected(tmp_path, args: list[str]) -> set[str]:
