@@ -253,6 +253,8 @@ def _apply_manifest(mpath: str, directory: str, spec: list[str], found: list[str
         try:
             peek = read_manifest(mpath)
         except ManifestError:
+            if directory in spec:  # the directory is the data set: its manifests must be sound
+                raise
             return set()  # a broken manifest of a prefix nobody reads here is not this read's business
         listed = [os.path.join(directory, s["file"]) for s in peek["shards"]]
         if not any(s == directory or s == p or fnmatch.fnmatchcase(p, s) for s in spec for p in listed):
