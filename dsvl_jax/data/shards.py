@@ -126,7 +126,10 @@ class ShardWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.manifest)
-        _fsync(os.path.dirname(os.path.abspath(self.manifest)))
+        try:
+            _fsync(os.path.dirname(os.path.abspath(self.manifest)))  # the renames, before old shards go
+        except OSError:  # some file systems (FUSE mounts) cannot sync a directory
+            pass
         self.removed = remove_stale(self.prefix, keep=self.paths)
 
     def abort(self) -> None:
