@@ -1,6 +1,7 @@
 """Training data: one record format, a build tool, and a resumable Grain pipeline to packed batches.
 
 - `records`     the record format (segments + encoded images), ArrayRecord shards, the tfds route
+- `shards`      shard files and their manifest: written whole or not at all, read as the manifest lists
 - `build_cli`   `dsvl-data`: LLaVA / caption / interleaved / text corpora -> validated shards + report
 - `transforms`  record -> tokens, supervision flags and model image views (the processor's own code)
 - `packing`     examples -> fixed-shape rows (segments, positions, image slots); skip counters

@@ -4,6 +4,7 @@
     dsvl-data --format caption --input sharegpt4v.json --image-root images/ --output out/cap
     dsvl-data --format interleaved --input docs.jsonl --image-root images/ --output out/docs
     dsvl-data --format text --input corpus.jsonl --input more.txt --output out/text --spm-model out/spm.model
+    dsvl-data check 'out/sft-*'          # shards as the loader resolves them, checked against the manifest
 
 Formats:
   llava        JSON list of {"id", "image": path | [paths], "conversations": [{"from": "human"|"gpt"|"system",
@@ -18,6 +19,10 @@ Every record is validated before it is written — images are decoded with the p
 paths must stay inside --image-root, text must be UTF-8, placeholders must match images, a
 conversation must render in the chat template — and a rejected one is counted under its reason. The
 report (printed, and written next to the shards as `<output>.report.json`) lists them.
+
+Beside the shards goes `<output>.manifest.json`: shard names, record counts and sizes, and this
+build's arguments. The loader reads only the shards it lists, so a rebuild into the same prefix with
+another --num-shards replaces the set: the old shards are removed (and named in the output).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import logging
 import os
 import sys
 from typing import Any, Iterable, Iterator
@@ -33,6 +39,7 @@ from ..processing import chat
 from ..processing import image as image_lib
 from ..processing.tokenizer_build import train_sentencepiece
 from . import records as R
+from . import shards as S
 from .transforms import image_error_reason, to_conversation
 
 FORMATS = ("llava", "caption", "interleaved", "text")
@@ -234,6 +241,7 @@ class BuildReport:
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     examples: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     outputs: list = dataclasses.field(default_factory=list)
+    removed: list = dataclasses.field(default_factory=list)  # stale shards of the prefix, deleted
 
     def reject(self, where: str, err: Reject) -> None:
         self.skipped[err.reason] += 1
@@ -242,13 +250,14 @@ class BuildReport:
 
     def to_dict(self) -> dict:
         return {"written": self.written, "skipped": dict(self.skipped), "skipped_total": sum(self.skipped.values()),
-                "examples": dict(self.examples), "outputs": self.outputs}
+                "examples": dict(self.examples), "outputs": self.outputs, "removed": self.removed}
 
     def format(self) -> str:
         lines = [f"records written: {self.written}", f"records skipped: {sum(self.skipped.values())}"]
         for reason, n in self.skipped.most_common():
             lines.append(f"  {n:8d}  {reason}   e.g. {self.examples[reason][0]}")
         lines += [f"output: {p}" for p in self.outputs]
+        lines += [f"removed, left by an earlier build of this prefix: {p}" for p in self.removed]
         return "\n".join(lines)
 
 
@@ -275,7 +284,7 @@ def build(inputs: Iterable[str], fmt: str, output: str, *, source: str, task: st
           image_root: str | None = None, num_shards: int = 1, tfds_name: str | None = None,
           max_pixels: int = image_lib.DEFAULT_MAX_PIXELS) -> BuildReport:
     """Convert, validate and write `<output>-0000i-of-0000n.array_record` (or a TFDS dataset)."""
-    report = BuildReport()
+    report, inputs = BuildReport(), list(inputs)
     recs = convert(inputs, fmt, source=source, task=task, image_root=image_root, max_pixels=max_pixels,
                    report=report)
     if tfds_name:
@@ -283,10 +292,13 @@ def build(inputs: Iterable[str], fmt: str, output: str, *, source: str, task: st
         report.outputs = [R.write_tfds(output, tfds_name, data)]
         report.written = len(data)
     else:
-        with R.ShardWriter(output, num_shards) as w:
+        args = {"tool": "dsvl-data", "format": fmt, "inputs": inputs, "source": source,
+                "task": task or DEFAULT_TASK[fmt], "image_root": image_root, "num_shards": num_shards,
+                "max_pixels": max_pixels}
+        with R.ShardWriter(output, num_shards, build=args) as w:
             for rec in recs:
                 w.write(R.serialize(rec))
-        report.written, report.outputs = w.count, w.paths
+        report.written, report.outputs, report.removed = w.count, w.paths, w.removed
     return report
 
 
@@ -300,7 +312,28 @@ def corpus_texts(paths: Iterable[str]) -> Iterator[str]:
                     yield seg.text
 
 
+def check_main(argv: list[str]) -> int:
+    """`dsvl-data check PATHS...`: resolve shards as the loader does and count their records."""
+    p = argparse.ArgumentParser(prog="dsvl-data check", description=check_main.__doc__)
+    p.add_argument("paths", nargs="+", help="shard files, a glob or a directory (as a source's paths=)")
+    args = p.parse_args(argv)
+    logging.basicConfig(format="dsvl-data: warning: %(message)s")
+    try:
+        files = R.expand_paths(args.paths)
+        counts = [S.count_records(f) for f in files]
+    except (R.ManifestError, FileNotFoundError) as e:  # a broken set: one line naming the file
+        print(f"dsvl-data: error: {e}", file=sys.stderr)
+        return 2
+    for f, n in zip(files, counts):
+        print(f"{n:10d}  {f}")
+    print(f"{sum(counts):10d}  records in {len(files)} shard(s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
     p = argparse.ArgumentParser(prog="dsvl-data", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--format", required=True, choices=FORMATS)

@@ -14,18 +14,19 @@ Image segments reference the blobs in order (k = 0, 1, 2, ...), each exactly onc
 placeholders in the text is the order of the images. Either every text segment has a role (a
 conversation, supervised on the assistant turns) or none has (a document, supervised on all text).
 
-Shards are ArrayRecord files; they read back through `grain.sources.ArrayRecordDataSource` or a tfds
-dataset (`tfds_source`) that stores the same bytes.
+Shards are ArrayRecord files with a manifest beside them (`shards`); they read back through
+`grain.sources.ArrayRecordDataSource` or a tfds dataset (`tfds_source`) that stores the same bytes.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
-import os
 import struct
 from typing import Iterable, Sequence
+
+# Shard files and their manifest live in `shards` (no record knowledge needed there); re-exported here.
+from .shards import ManifestError, ShardWriter, expand_paths, shard_paths  # noqa: F401
 
 MAGIC = b"DSVLREC1"
 _LEN = struct.Struct("<I")
@@ -207,62 +208,14 @@ def deserialize(data: bytes) -> Record:
 # ---------------------------------------------------------------------------------------------
 # Shards
 # ---------------------------------------------------------------------------------------------
-def shard_paths(prefix: str, num_shards: int) -> list[str]:
-    return [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
-
-
-class ShardWriter:
-    """Writes serialised records round-robin over `num_shards` ArrayRecord files."""
-
-    def __init__(self, prefix: str, num_shards: int = 1):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if num_shards < 1:
-            raise ValueError(f"num_shards={num_shards} must be >= 1")
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self.paths = shard_paths(prefix, num_shards)
-        # group_size:1 keeps random access cheap: reading one record decompresses one record.
-        self._writers = [ArrayRecordWriter(p, "group_size:1") for p in self.paths]
-        self.count = 0
-
-    def write(self, data: bytes) -> None:
-        self._writers[self.count % len(self._writers)].write(data)
-        self.count += 1
-
-    def close(self) -> None:
-        for w in self._writers:
-            w.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def write_records(prefix: str, records: Iterable[Record | bytes], num_shards: int = 1) -> list[str]:
-    """Write records (Record objects are validated; raw bytes are written as they are)."""
-    with ShardWriter(prefix, num_shards) as w:
+def write_records(prefix: str, records: Iterable[Record | bytes], num_shards: int = 1,
+                  build: dict | None = None) -> list[str]:
+    """Write records (Record objects are validated; raw bytes are written as they are) and the set's
+    manifest (`shards.ShardWriter`); `build` is stored in the manifest as the build's arguments."""
+    with ShardWriter(prefix, num_shards, build) as w:
         for r in records:
             w.write(r if isinstance(r, (bytes, bytearray)) else serialize(r))
     return w.paths
-
-
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
-    """A glob, a directory (all *.array_record inside) or a list of files -> sorted file list."""
-    items = [paths] if isinstance(paths, str) else list(paths)
-    out: list[str] = []
-    for p in items:
-        if os.path.isdir(p):
-            out.extend(sorted(glob.glob(os.path.join(p, "*.array_record"))))
-        elif any(c in p for c in "*?["):
-            out.extend(sorted(glob.glob(p)))
-        else:
-            out.append(p)
-    missing = [p for p in out if not os.path.exists(p)]
-    if not out or missing:
-        raise FileNotFoundError(f"no ArrayRecord shards at {paths!r}" + (f" (missing {missing})" if missing else ""))
-    return out
 
 
 def array_record_source(paths: str | Sequence[str]):
