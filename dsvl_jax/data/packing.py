@@ -153,7 +153,7 @@ class Interrupted(Exception):
     """The `interrupt` callable said stop while the packer was skipping records."""
 
 
-def supervised_need(ex: dict, start: int, spec: RowSpec) -> tuple[int, int] | None:
+def supervised_need(ex: dict, start: int) -> tuple[int, int] | None:
     """(tokens, images) a row must hold for the part of `ex` from `start` on to reach its first supervised
     target, or None if that part has none. Image runs before that target end before it, so a row of that many
     tokens cuts none of them."""
@@ -279,7 +279,7 @@ class PackDatasetIterator(grain.DatasetIterator):
     def _drop_pending(self, reason: str, detail: str) -> None:
         ex, self._pending = self._pending, None
         self._skipped(reason, detail, ex.get("source", ""), ex.get("record_id", ""), ex["code"],
-                      supervised_need(ex, self._offset, self._spec))
+                      supervised_need(ex, self._offset))
 
     def _skipped(self, reason: str, detail: str, source: str, record_id: str, code: int, need=None) -> None:
         self.stats.skip(reason, detail, source, record_id, code)
