@@ -11,7 +11,7 @@ from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train import stages
 from dsvl_jax.train.trainer import train
 from tests.helpers.record_log import logging_records
-from tests.helpers.train_fixtures import tiny_config
+from tests.helpers.train_fixtures import checkpoint_state, tiny_config
 
 
 def _params(workdir):
@@ -114,3 +114,29 @@ def test_train_loop_never_syncs_implicitly(text_corpus, tmp_path, monkeypatch):
     finally:
         jax.config.update("jax_transfer_guard", "allow")
     assert s["step"] == 4 and np.isfinite(s["loss"])
+
+
+@pytest.mark.slow
+def test_a_signal_inside_the_pipeline_saves_a_step_that_resumes_exactly(text_corpus, tmp_path, monkeypatch):
+    """A signal while the packer is skipping records stops the batch half-read (packing.Interrupted): the data
+    iterator goes back to where the step's batch began and the steps done are saved, so the run resumes
+    exactly: the end state equals an uninterrupted run's, bit for bit."""
+    from dsvl_jax.data import loader, packing
+    cfg = lambda: _cfg(text_corpus, "stage2", total_steps=4, log_every=2)  # noqa: E731 (the guard test's program)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(cfg(), full)
+    real_next = loader.MixtureBatchIterator.__next__
+
+    def stuck_at_step_2(self):
+        batch = real_next(self)  # the streams have moved on, as a packer stopped mid-batch leaves them
+        if self.step == 3:
+            raise packing.Interrupted("a signal while skipping")
+        return batch
+
+    monkeypatch.setattr(loader.MixtureBatchIterator, "__next__", stuck_at_step_2)
+    s = train(cfg(), part)
+    assert s["saved_step"] == 2 and s["step"] == 2 and s["signal"] == "SIGTERM"
+    monkeypatch.setattr(loader.MixtureBatchIterator, "__next__", real_next)
+    assert train(cfg(), part)["step"] == 4
+    a, b = checkpoint_state(full, 4), checkpoint_state(part, 4)
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
