@@ -90,6 +90,15 @@ def _train_steps(workdir) -> list[int]:
         return [r["step"] for r in map(json.loads, f) if r["split"] == "train"]
 
 
+def _logged_up_to(workdir, step: int) -> bool:
+    """Whether a running trainer has logged `step` (a line being written is not read)."""
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            return any(line.endswith("\n") and json.loads(line).get("step", 0) >= step for line in f)
+    except FileNotFoundError:
+        return False
+
+
 def _checkpoints(workdir) -> list[int]:
     return sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
 
@@ -182,7 +191,7 @@ def interrupted(data):
     assert _checkpoints(wd) == [2, 4] and _train_steps(wd) == [1, 2, 3, 4]
     shutil.rmtree(os.path.join(wd, "checkpoints", "4"))
     proc, out, err = _start(_args(wd, mixed, tokenizer, "--config.checkpoint.every=1000"), root, "ctrl_c")
-    _wait_for(proc, lambda: os.path.exists(os.path.join(wd, "metrics.jsonl")) and max(_train_steps(wd)) >= 6)
+    _wait_for(proc, lambda: _logged_up_to(wd, 6))
     proc.send_signal(signal.SIGINT)
     rc = proc.wait(timeout=TIMEOUT)
     return wd, first, rc, _read(out), _read(err)
