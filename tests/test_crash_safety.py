@@ -6,9 +6,9 @@ restore, mid-step, mid-checkpoint-save) and restarted each time until the run is
   bit-identical to those of an uninterrupted run;
 - every restart resumed from the newest checkpoint Orbax had finished at the moment of the kill: a
   half-written one (still under its `*.orbax-checkpoint-tmp` name) is never chosen;
-- the record-id log (`records.0.log`): steps re-done after a resume list exactly the same records;
-  deduplicated by step, the records match the uninterrupted run's step by step, none is repeated and
-  none is lost.
+- the record-id log (`records.0.log`, tests/helpers/record_log.py): steps re-done after a resume list
+  exactly the same records; deduplicated by step, the records match the uninterrupted run's step by
+  step, none is repeated and none is lost.
 
 Kill points are drawn from a seeded generator relative to what the run has done (the n-th step or
 save after the restart), so their kinds are reproducible; the exact instants depend on timing, and
@@ -82,9 +82,9 @@ def _env():
 
 
 def _launch(cfg_file: str, workdir: str, log_path: str, total: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "dsvl_jax.train.cli", f"--config={cfg_file}:stage2", f"--workdir={workdir}",
-           f"--config.total_steps={total}", "--config.checkpoint.every=1", "--config.log_every=1",
-           "--config.debug.log_records=True"]
+    # the trainer CLI, plus the record-id log (tests/helpers/record_log.py)
+    cmd = [sys.executable, "-m", "tests.helpers.record_log", f"--config={cfg_file}:stage2", f"--workdir={workdir}",
+           f"--config.total_steps={total}", "--config.checkpoint.every=1", "--config.log_every=1"]
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
 

@@ -30,6 +30,7 @@ from dsvl_jax.data import loader as L
 from dsvl_jax.data.mixture import SourceConfig
 from dsvl_jax.processing.tokenizer import Tokenizer
 from dsvl_jax.train.trainer import train
+from tests.helpers.record_log import logging_records
 from tests.helpers.train_fixtures import tiny_config
 from tpu import local_cluster
 
@@ -37,7 +38,7 @@ STEPS, EVERY = 8, 4  # 8 steps: the same programs as the crash-safety test (shar
 HEARTBEAT = 10  # seconds without a heartbeat before the survivor aborts
 RUN_TIMEOUT = 600  # one launch (two compiles side by side) took 2-4 min on a 2-core machine at load 10
 OVERRIDES = {"total_steps": STEPS, "log_every": 1, "checkpoint.every": EVERY, "data.shard_count": 2,
-             "data.mm_warmup_steps": 0, "debug.log_records": True}
+             "data.mm_warmup_steps": 0}
 
 
 def _config_file(root: str, sources, tokenizer) -> str:
@@ -71,8 +72,9 @@ def _launch(config_file: str, workdir: str) -> local_cluster.Cluster:
     # tpu/local_cluster.py); a cheaper LLVM pipeline takes ~30% off that and leaves the float32 results as
     # they are at the tolerances below.
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    # the trainer CLI with the record-id log (records.<process>.log) of tests/helpers/record_log.py
     return local_cluster.start(_train_args(config_file, workdir), num_processes=2, devices_per_process=4,
-                               log_dir=workdir, heartbeat_timeout=HEARTBEAT, env=env)
+                               log_dir=workdir, heartbeat_timeout=HEARTBEAT, env=env, module="tests.helpers.record_log")
 
 
 def _finish(cluster: local_cluster.Cluster, timeout: float = RUN_TIMEOUT) -> None:
@@ -83,7 +85,7 @@ def _finish(cluster: local_cluster.Cluster, timeout: float = RUN_TIMEOUT) -> Non
 
 
 def _losses(workdir) -> dict[int, float]:
-    """Train loss per step; a resumed run logs some steps twice: the later line wins."""
+    """Train loss per step (a resumed run first drops the rows logged after its checkpoint: each step once)."""
     out = {}
     for line in open(os.path.join(workdir, "metrics.jsonl")):
         d = json.loads(line)
@@ -120,7 +122,8 @@ def setup(tmp_path_factory, corpus):
 def one_process(setup):
     root, sources, tokenizer, _ = setup
     workdir = str(root / "one")
-    train(tiny_config("stage2", sources, tokenizer, **OVERRIDES), workdir)
+    with logging_records(os.path.join(workdir, "records.0.log")):
+        train(tiny_config("stage2", sources, tokenizer, **OVERRIDES), workdir)
     return workdir
 
 

@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train.trainer import TrainingDiverged, train
+from tests.helpers import faults
 from tests.helpers.train_fixtures import checkpoint_state, tiny_config
 
 NAN_STEPS = (1, 7, 8, 9)  # 1 alone; 7, 8, 9 in a row
@@ -29,9 +30,13 @@ COUNTERS = ("step", "bad_steps", "skipped")
 
 def _config(corpus, **kw):
     sources, tokenizer = corpus
-    return tiny_config("stage2", sources, tokenizer, total_steps=TOTAL, log_every=1, **{
-        "checkpoint.every": 1, "checkpoint.keep": TOTAL + 1, "debug.inject_nan_steps": NAN_STEPS,
-        "debug.inject_inf_loss_steps": INF_LOSS_STEPS, "debug.inject_inf_grad_steps": INF_GRAD_STEPS}, **kw)
+    return tiny_config("stage2", sources, tokenizer, total_steps=TOTAL, log_every=1,
+                       **{"checkpoint.every": 1, "checkpoint.keep": TOTAL + 1}, **kw)
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    faults.inject(monkeypatch, nan_steps=NAN_STEPS, inf_loss_steps=INF_LOSS_STEPS, inf_grad_steps=INF_GRAD_STEPS)
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -43,10 +48,10 @@ def _counter(state, name) -> int:
 
 
 @pytest.mark.slow
-def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(text_corpus, tmp_path):
+def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(text_corpus, tmp_path, faulty):
     wd = str(tmp_path / "run")
     stop = 7  # steps 0..6: the three isolated faults, each followed by a good step
-    summary = train(_config(text_corpus, **{"debug.stop_after": stop}), wd)
+    summary = train(_config(text_corpus, stop_at_step=stop), wd)
     assert summary["stopped_at"] == stop and summary["skipped"] == 3
     states = {s: checkpoint_state(wd, s) for s in range(1, stop + 1)}
     bad = set(NAN_STEPS + INF_LOSS_STEPS + INF_GRAD_STEPS)
@@ -71,7 +76,7 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(text_corpus, t
 
 
 @pytest.mark.slow
-def test_bad_steps_in_a_row_stop_training_with_the_last_good_checkpoint(text_corpus, tmp_path):
+def test_bad_steps_in_a_row_stop_training_with_the_last_good_checkpoint(text_corpus, tmp_path, faulty):
     wd = str(tmp_path / "run")
     with pytest.raises(TrainingDiverged) as err:
         train(_config(text_corpus, max_bad_steps=3), wd)

@@ -10,7 +10,8 @@ from flax import traverse_util
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.train import stages
 from dsvl_jax.train.trainer import train
-from tests.helpers.train_fixtures import tiny_config
+from tests.helpers.record_log import logging_records
+from tests.helpers.train_fixtures import checkpoint_state, tiny_config
 
 
 def _params(workdir):
@@ -69,14 +70,19 @@ def test_stage_chain_trains_exactly_the_paper_sets(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_stop_and_resume_is_bit_identical(corpus, tmp_path):
+    """config.stop_at_step stops (and saves) early on the full schedule; running again finishes it exactly as an
+    uninterrupted run does."""
     k = 4  # 8 steps: the programs of the crash-safety test, served by the compilation cache
-    full = str(tmp_path / "full")
-    train(_cfg(corpus, "stage2", total_steps=2 * k, **{"debug.log_records": True}), full)
-    part = str(tmp_path / "part")
-    s1 = train(_cfg(corpus, "stage2", total_steps=2 * k, **{"debug.log_records": True, "debug.stop_after": k}), part)
-    assert s1["stopped_at"] == k
-    s2 = train(_cfg(corpus, "stage2", total_steps=2 * k, **{"debug.log_records": True}), part)
-    assert s2["step"] == 2 * k
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    with logging_records(os.path.join(full, "records.0.log")):
+        train(_cfg(corpus, "stage2", total_steps=2 * k), full)
+    with logging_records(os.path.join(part, "records.0.log")):
+        s1 = train(_cfg(corpus, "stage2", total_steps=2 * k, stop_at_step=k), part)
+    assert s1["stopped_at"] == k and s1["step"] == k
+    assert sorted(int(n) for n in os.listdir(os.path.join(part, "checkpoints")) if n.isdigit()) == [k]
+    with logging_records(os.path.join(part, "records.0.log")):
+        s2 = train(_cfg(corpus, "stage2", total_steps=2 * k), part)
+    assert s2["step"] == 2 * k and "stopped_at" not in s2
     a, b = _params(full), _params(part)
     assert all(np.array_equal(np.asarray(a[x]), np.asarray(b[x])) for x in a)
     # the data: the same records in the same steps, none repeated or skipped
@@ -84,3 +90,53 @@ def test_stop_and_resume_is_bit_identical(corpus, tmp_path):
     assert [r["codes"] for r in logs[0]] == [r["codes"] for r in logs[1]]
     codes = [c for r in logs[1] for c in r["codes"]]
     assert len(codes) == len(set(codes))
+
+
+@pytest.mark.slow
+def test_train_loop_never_syncs_implicitly(text_corpus, tmp_path, monkeypatch):
+    """From the first step on, every transfer between host and device is explicit (the batch put on the mesh,
+    jax.device_get at the logging and checkpoint steps, Orbax's saves): with jax_transfer_guard=disallow an
+    implicit one raises. On CPU the guard sees host-to-device transfers only (a CPU array is read without a
+    copy); on an accelerator it also catches a device read such as int(state["bad_steps"]) every step."""
+    import jax
+    from dsvl_jax.train import checkpointing
+    real_arm = checkpointing.Preemption.arm
+
+    def arm(self):  # called right before the loop
+        real_arm(self)
+        jax.config.update("jax_transfer_guard", "disallow")
+
+    monkeypatch.setattr(checkpointing.Preemption, "arm", arm)
+    try:
+        s = train(_cfg(text_corpus, "stage2", total_steps=4, log_every=2, **{"checkpoint.every": 2,
+                                                                              "checkpoint.async_save": True}),
+                  str(tmp_path / "wd"))
+    finally:
+        jax.config.update("jax_transfer_guard", "allow")
+    assert s["step"] == 4 and np.isfinite(s["loss"])
+
+
+@pytest.mark.slow
+def test_a_signal_inside_the_pipeline_saves_a_step_that_resumes_exactly(text_corpus, tmp_path, monkeypatch):
+    """A signal while the packer is skipping records stops the batch half-read (packing.Interrupted): the data
+    iterator goes back to where the step's batch began and the steps done are saved, so the run resumes
+    exactly: the end state equals an uninterrupted run's, bit for bit."""
+    from dsvl_jax.data import loader, packing
+    cfg = lambda: _cfg(text_corpus, "stage2", total_steps=4, log_every=2)  # noqa: E731 (the guard test's program)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    train(cfg(), full)
+    real_next = loader.MixtureBatchIterator.__next__
+
+    def stuck_at_step_2(self):
+        batch = real_next(self)  # the streams have moved on, as a packer stopped mid-batch leaves them
+        if self.step == 3:
+            raise packing.Interrupted("a signal while skipping")
+        return batch
+
+    monkeypatch.setattr(loader.MixtureBatchIterator, "__next__", stuck_at_step_2)
+    s = train(cfg(), part)
+    assert s["saved_step"] == 2 and s["step"] == 2 and s["signal"] == "SIGTERM"
+    monkeypatch.setattr(loader.MixtureBatchIterator, "__next__", real_next)
+    assert train(cfg(), part)["step"] == 4
+    a, b = checkpoint_state(full, 4), checkpoint_state(part, 4)
+    assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)

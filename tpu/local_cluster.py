@@ -51,8 +51,8 @@ def process_env(devices_per_process: int, base: dict | None = None) -> dict:
 
 def process_command(process_id: int, num_processes: int, coordinator: str, train_args: list[str], *,
                     heartbeat_timeout: int = 100, initialization_timeout: int = 300,
-                    python: str = sys.executable) -> list[str]:
-    return [python, "-m", "dsvl_jax.train.cli", "--distributed", f"--coordinator={coordinator}",
+                    python: str = sys.executable, module: str = "dsvl_jax.train.cli") -> list[str]:
+    return [python, "-m", module, "--distributed", f"--coordinator={coordinator}",
             f"--num_processes={num_processes}", f"--process_id={process_id}",
             f"--heartbeat_timeout={heartbeat_timeout}", f"--initialization_timeout={initialization_timeout}",
             *train_args]
@@ -83,8 +83,9 @@ class Cluster:
 
 def start(train_args: list[str], *, num_processes: int, devices_per_process: int, log_dir: str,
           port: int | None = None, heartbeat_timeout: int = 100, initialization_timeout: int = 300,
-          env: dict | None = None, python: str = sys.executable) -> Cluster:
-    """Launch the processes (process 0 hosts the coordinator on localhost:port); logs in log_dir."""
+          env: dict | None = None, python: str = sys.executable, module: str = "dsvl_jax.train.cli") -> Cluster:
+    """Launch the processes (process 0 hosts the coordinator on localhost:port); logs in log_dir. `module`: what
+    `python -m` runs (the trainer CLI, or a test's wrapper of it)."""
     coordinator = f"localhost:{port or free_port()}"
     os.makedirs(log_dir, exist_ok=True)
     penv = process_env(devices_per_process, env)
@@ -92,7 +93,7 @@ def start(train_args: list[str], *, num_processes: int, devices_per_process: int
     for i in range(num_processes):
         logs.append(os.path.join(log_dir, f"process_{i}.log"))
         cmd = process_command(i, num_processes, coordinator, train_args, heartbeat_timeout=heartbeat_timeout,
-                              initialization_timeout=initialization_timeout, python=python)
+                              initialization_timeout=initialization_timeout, python=python, module=module)
         with open(logs[-1], "a") as log:
             procs.append(subprocess.Popen(cmd, env=penv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     return Cluster(procs, logs)

@@ -40,7 +40,7 @@ from ..processing import image as image_lib
 from ..sharding import batch_sharding
 from . import records as R
 from .mixture import MODALITIES, ModalitySchedule, SourceConfig, mix_map_datasets
-from .packing import SPLIT, TRUNCATE, DataStats, PackIterDataset, RowSpec
+from .packing import SPLIT, TRUNCATE, DataStats, PackIterDataset, RowSpec, TooManySkips
 from .transforms import DEFAULT_TASKS, ExampleMaker
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "segment_ids", "pixel_values",
@@ -64,6 +64,9 @@ class DataConfig:
     worker_buffer: int = 2  # elements each worker process keeps ready
     shard_count: int = 0  # disjoint data shards (a multiple of the process count); 0 = one per process
     task_tag_prompt: bool = False  # conversations: "[task] " in front of the first instruction
+    # A stream that skips this many records in a row (none fits seq_len, say) raises packing.TooManySkips
+    # instead of reading forever; 0 = no limit.
+    max_skips_in_a_row: int = 1000
 
     def __post_init__(self):
         if not self.sources:
@@ -75,6 +78,8 @@ class DataConfig:
             raise ValueError(f"long_examples={self.long_examples!r}: expected {SPLIT!r} or {TRUNCATE!r}")
         if self.shard_count < 0:
             raise ValueError(f"shard_count={self.shard_count} must be >= 0 (0 = one shard per process)")
+        if self.max_skips_in_a_row < 0:
+            raise ValueError(f"max_skips_in_a_row={self.max_skips_in_a_row} must be >= 0 (0 = no limit)")
 
     def schedule(self, seed: int) -> ModalitySchedule:
         return ModalitySchedule.from_sources(self.sources, warmup_steps=self.mm_warmup_steps,
@@ -224,7 +229,12 @@ class MixtureBatchIterator(grain.DatasetIterator):
         for i in range(self._local_batch):
             row = self._process_index * self._local_batch + i
             modality = self.schedule.row_modality(self.step, row, self._global_batch)
-            rows.append(next(self._streams[(row // self._shard_batch, modality)]))
+            key = (row // self._shard_batch, modality)
+            try:
+                rows.append(next(self._streams[key]))
+            except TooManySkips as e:
+                e.stream = self._state_key(key)
+                raise
         self.step += 1
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -264,7 +274,7 @@ class MixtureBatchIterator(grain.DatasetIterator):
 # ---------------------------------------------------------------------------------------------
 def make_train_dataset(data_config: DataConfig, model_config, tokenizer, *, batch_size: int, seq_len: int,
                        seed: int, process_index: int | None = None, process_count: int | None = None,
-                       worker_count: int = 0) -> MixtureBatchIterDataset:
+                       worker_count: int = 0, interrupt=None) -> MixtureBatchIterDataset:
     """The pipeline as a Grain IterDataset (see `make_train_iterator`)."""
     if process_index is None or process_count is None:
         process_index, process_count = jax.process_index(), jax.process_count()
@@ -297,7 +307,8 @@ def make_train_dataset(data_config: DataConfig, model_config, tokenizer, *, batc
             if worker_count:
                 it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                                  per_worker_buffer_size=data_config.worker_buffer))
-            streams[(shard, m)] = PackIterDataset(it, spec)
+            streams[(shard, m)] = PackIterDataset(it, spec, max_skips_in_a_row=data_config.max_skips_in_a_row,
+                                                  interrupt=interrupt)
     return MixtureBatchIterDataset(streams, data_config.schedule(seed), local_batch=batch_size // process_count,
                                    process_index=process_index, process_count=process_count,
                                    task_vocabulary=maker.task_vocabulary(), records=records,
@@ -306,7 +317,7 @@ def make_train_dataset(data_config: DataConfig, model_config, tokenizer, *, batc
 
 def make_train_iterator(data_config: DataConfig, model_config, tokenizer, *, batch_size: int, seq_len: int,
                         seed: int, process_index: int | None = None, process_count: int | None = None,
-                        worker_count: int = 0) -> MixtureBatchIterator:
+                        worker_count: int = 0, interrupt=None) -> MixtureBatchIterator:
     """This process's iterator of local batches (numpy dicts with `BATCH_KEYS`).
 
     `batch_size` is the *global* batch; each process yields batch_size / process_count rows from its
@@ -314,10 +325,13 @@ def make_train_iterator(data_config: DataConfig, model_config, tokenizer, *, bat
     has get_state/set_state (save it with `grain.checkpoint.CheckpointSave(it)`), `stats()` for the skip
     counters, `step_is_text_only()` for modality grouping, `task_vocabulary` for `task_ids` and
     `record_key(code)` for the record log.
+
+    A stream that skips `data_config.max_skips_in_a_row` records in a row raises `packing.TooManySkips`;
+    `interrupt` (a callable) is polled at every skip and raises `packing.Interrupted` when it returns True.
     """
     ds = make_train_dataset(data_config, model_config, tokenizer, batch_size=batch_size, seq_len=seq_len,
                             seed=seed, process_index=process_index, process_count=process_count,
-                            worker_count=worker_count)
+                            worker_count=worker_count, interrupt=interrupt)
     return iter(ds)
 
 

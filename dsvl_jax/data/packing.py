@@ -11,6 +11,11 @@ Examples longer than a row are cut, never inside an image's token run: `truncate
 chunk, `split` (documents only, never conversations) carries the rest over into the next rows.
 An example whose first image alone does not fit a row is a counted skip.
 
+A stream that skips `max_skips_in_a_row` records without placing one (say every conversation's prompt is
+longer than seq_len) can never make a row: the packer raises `TooManySkips`, which says what the skipped
+records would need, instead of reading forever. `interrupt` (a callable, e.g. a signal flag) is polled at
+every skip, so that a run stuck skipping still stops on SIGTERM / SIGINT (`Interrupted`).
+
 `PackIterDataset` packs greedily in stream order. Its state is the parent's state from just before
 the example it holds back (plus how much of that example is already placed), so restoring it
 replays the stream exactly; the statistics (skips by reason, truncations, ...) are part of the
@@ -21,7 +26,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import numpy as np
@@ -130,6 +135,36 @@ class DataStats:
         return f"DataStats({self.as_dict()})"
 
 
+class TooManySkips(Exception):
+    """`limit` records in a row were skipped; `reasons` counts them by reason. `need_seq_len` is (least, most)
+    row length the skipped records needed to place a supervised token (None when no length would do);
+    `need_images` the most image slots they needed; `example` one of them ("source/record_id: detail")."""
+
+    def __init__(self, limit: int, reasons: collections.Counter, need_seq_len: tuple[int, int] | None,
+                 need_images: int, example: str):
+        self.limit, self.reasons, self.need_seq_len = limit, reasons, need_seq_len
+        self.need_images, self.example = need_images, example
+        self.stream = ""  # which stream, when the caller knows (the loader: "text", "multimodal@1", ...)
+        counts = ", ".join(f"{r}: {n}" for r, n in reasons.most_common())
+        super().__init__(f"{limit} records in a row skipped ({counts}); e.g. {example}")
+
+
+class Interrupted(Exception):
+    """The `interrupt` callable said stop while the packer was skipping records."""
+
+
+def supervised_need(ex: dict, start: int) -> tuple[int, int] | None:
+    """(tokens, images) a row must hold for the part of `ex` from `start` on to reach its first supervised
+    target, or None if that part has none. Image runs before that target end before it, so a row of that many
+    tokens cuts none of them."""
+    later = np.flatnonzero(ex["supervised"][start + 1:])
+    if not len(later):
+        return None
+    first = start + 1 + int(later[0])
+    images = int(((ex["image_starts"] >= start) & (ex["image_starts"] < first)).sum())
+    return first - start + 1, images
+
+
 # ---------------------------------------------------------------------------------------------
 # Row assembly
 # ---------------------------------------------------------------------------------------------
@@ -195,21 +230,29 @@ class RowBuilder:
 class PackIterDataset(grain.IterDataset):
     """Examples (or skip markers) -> packed rows; see the module docstring."""
 
-    def __init__(self, parent: grain.IterDataset, spec: RowSpec):
+    def __init__(self, parent: grain.IterDataset, spec: RowSpec, *, max_skips_in_a_row: int = 0,
+                 interrupt: Callable[[], bool] | None = None):
         super().__init__(parent)
         self._spec = spec
+        self._max_skips = max_skips_in_a_row  # 0: no limit
+        self._interrupt = interrupt
 
     def __iter__(self) -> "PackDatasetIterator":
-        return PackDatasetIterator(self._parent.__iter__(), self._spec)
+        return PackDatasetIterator(self._parent.__iter__(), self._spec, max_skips_in_a_row=self._max_skips,
+                                   interrupt=self._interrupt)
 
     def __str__(self) -> str:
         return f"PackIterDataset({self._spec})"
 
 
 class PackDatasetIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, spec: RowSpec):
+    def __init__(self, parent: grain.DatasetIterator, spec: RowSpec, *, max_skips_in_a_row: int = 0,
+                 interrupt: Callable[[], bool] | None = None):
         super().__init__(parent)
         self._spec = spec
+        self._max_skips, self._interrupt = max_skips_in_a_row, interrupt
+        self._run: collections.Counter[str] = collections.Counter()  # skips since the last placed example
+        self._run_needs: list[tuple[int, int]] = []  # their supervised_need, where known
         self.stats = DataStats()
         self._pending: dict | None = None  # example held back for the next row
         self._pending_state: Any = None  # parent state from just before `_pending` was read
@@ -226,20 +269,36 @@ class PackDatasetIterator(grain.DatasetIterator):
             except StopIteration:
                 return False
             if "skip" in el:
-                self.stats.skip(el["skip"], el.get("detail", ""), el.get("source", ""), el.get("record_id", ""),
-                                el.get("code", -1))
+                self._skipped(el["skip"], el.get("detail", ""), el.get("source", ""), el.get("record_id", ""),
+                              el.get("code", -1))
                 continue
             self._pending, self._pending_state = el, state
             self._offset, self._restore_offset = self._restore_offset or 0, None
             return True
 
     def _drop_pending(self, reason: str, detail: str) -> None:
-        ex = self._pending
-        self.stats.skip(reason, detail, ex.get("source", ""), ex.get("record_id", ""), ex["code"])
-        self._pending = None
+        ex, self._pending = self._pending, None
+        self._skipped(reason, detail, ex.get("source", ""), ex.get("record_id", ""), ex["code"],
+                      supervised_need(ex, self._offset))
+
+    def _skipped(self, reason: str, detail: str, source: str, record_id: str, code: int, need=None) -> None:
+        self.stats.skip(reason, detail, source, record_id, code)
+        self._run[reason] += 1
+        if need is not None:
+            self._run_needs.append(need)
+        if self._interrupt is not None and self._interrupt():
+            raise Interrupted(f"interrupted while skipping records ({sum(self._run.values())} in a row)")
+        if self._max_skips and sum(self._run.values()) >= self._max_skips:
+            lengths = [n for n, _ in self._run_needs]
+            raise TooManySkips(self._max_skips, collections.Counter(self._run),
+                               (min(lengths), max(lengths)) if lengths else None,
+                               max((i for _, i in self._run_needs), default=0),
+                               f"{source}/{record_id}: {reason} ({detail})")
 
     def _place(self, builder: RowBuilder, a: int, b: int) -> None:
         builder.add(self._pending, a, b)
+        self._run.clear()
+        self._run_needs.clear()
         if a == 0:
             self.stats.examples += 1
 
@@ -297,6 +356,9 @@ class PackDatasetIterator(grain.DatasetIterator):
 
     # -- checkpointing ------------------------------------------------------------------------
     def get_state(self) -> dict[str, Any]:
+        if self._pending is None and self._restore_offset is not None:  # restored; the held example is not re-read yet
+            return {"parent": self._parent.get_state(), "holding": True, "offset": self._restore_offset,
+                    "stats": self.stats.to_state()}
         holding = self._pending is not None
         parent = self._pending_state if holding else self._parent.get_state()
         return {"parent": parent, "holding": holding, "offset": self._offset if holding else 0,

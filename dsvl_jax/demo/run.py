@@ -238,7 +238,8 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
         name = f"{key}/stage{stage}"
         out, walls, cpus = {}, 0.0, 0.0
         while int(out.get("step", 0)) < steps:
-            cfg.debug.stop_after = chunk  # 0: to the end; else stop, score, resume (same schedule)
+            # 0: to the end; else stop (and save) every `chunk` steps, score, go on (the schedule stays `steps`)
+            cfg.stop_at_step = min(int(out.get("step", 0)) + chunk, steps) if chunk else 0
             out = clock.run(name, train, cfg, wd)
             walls, cpus = walls + clock.phases[name]["wall_s"], cpus + clock.phases[name]["cpu_s"]
             if chunk:

@@ -1,9 +1,10 @@
 """Orbax checkpoints of training: the state and the data iterator side by side, async saves every N
 steps, keep-N, resume from the latest *complete* step (Orbax finalises a step by an atomic rename, so a
-save cut short is never picked), restore onto any mesh, and SIGTERM → save and exit (preemption)."""
+save cut short is never picked), restore onto any mesh, and SIGTERM / SIGINT → save and exit (preemption)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -11,6 +12,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from dsvl_jax.convert import orbax_io
 
@@ -45,6 +47,12 @@ class Checkpointer:
         self._in_flight = step
         return saved
 
+    def saved_param_shapes(self, step: int) -> dict[str, tuple]:
+        """{param path: shape} of checkpoint `step`, from its metadata alone (nothing is restored)."""
+        meta = ocp.PyTreeCheckpointer().metadata(os.path.join(str(self.manager.directory), str(step), "state"))
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()}
+
     def restore(self, step: int, abstract_state, data_iter=None):
         """State restored onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding)."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}
@@ -72,21 +80,49 @@ class CheckpointSaveError(RuntimeError):
     pass
 
 
-class Preemption:
-    """SIGTERM (and SIGINT when asked) set a flag the loop checks once per step; every process agrees
-    on it before acting, so all save the same step."""
+class Interrupted(KeyboardInterrupt):
+    """A signal arrived before training started (nothing to save); `signum` names it. A KeyboardInterrupt, so
+    that no `except Exception` swallows it."""
 
-    def __init__(self, also_sigint: bool = False):
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"{signal.Signals(signum).name} during start-up")
+
+
+class Preemption:
+    """SIGTERM and SIGINT (Ctrl-C) alike. Before `arm()` (start-up: nothing new to save) they raise
+    `Interrupted` at once. Once armed they set a flag the loop checks once per step (every process agrees on
+    it before acting, so all save the same step) and that the data pipeline polls while it skips records; a
+    second SIGINT raises KeyboardInterrupt (Ctrl-C twice: stop without saving)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
         self._flag = threading.Event()
+        self.signum: int | None = None  # the first signal received once armed
+        self._armed = False
         self._old = {}
         if threading.current_thread() is threading.main_thread():
-            sigs = [signal.SIGTERM] + ([signal.SIGINT] if also_sigint else [])
-            for s in sigs:
+            for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._handler)
 
+    def arm(self):
+        self._armed = True
+
     def _handler(self, signum, frame):
-        log.warning("signal %d received: will save a checkpoint and exit after this step", signum)
+        if not self._armed:
+            raise Interrupted(signum)
+        if self._flag.is_set():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        log.warning("%s received: will save a checkpoint and exit after this step", signal.Signals(signum).name)
+        self.signum = signum
         self._flag.set()
+
+    def local(self) -> bool:
+        """This process's flag alone (no collective: safe to poll anywhere)."""
+        return self._flag.is_set()
 
     def requested(self) -> bool:
         local = self._flag.is_set()

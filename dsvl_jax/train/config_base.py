@@ -5,6 +5,7 @@ Unknown keys are an error (`dsvl_jax.train.validate`), so a typo never silently 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from dsvl_jax.config import VLMConfig
 
@@ -23,7 +24,10 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: 0 = all
     c.batch_size = 256  # global, in rows
     c.seq_len = 1024
-    c.total_steps = 1000
+    c.total_steps = 1000  # the schedule's length (warm-up, decay) and where the run ends
+    # Stop (and save) at this step although the schedule runs to total_steps; run again with a later
+    # stop_at_step (or 0) to go on: e.g. train in chunks and score each checkpoint. 0 = total_steps.
+    c.stop_at_step = 0
     c.grad_accum = 1
     c.loss_chunk = 512
     c.seed = 0
@@ -50,6 +54,9 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
         workers=0,
         shard_count=0,  # disjoint data shards, a multiple of the process count (0 = one per process); fixing
                         # it makes the batches independent of how many hosts read them
+        # stop with an error when a stream skips this many records in a row (none fits seq_len, say) instead
+        # of reading forever; 0 = no limit. Unset: the data loader's default (DataConfig.max_skips_in_a_row).
+        max_skips_in_a_row=config_dict.placeholder(int),
     ))
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
     c.log_every = 10
@@ -59,10 +66,6 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
     c.num_samples = 2
     c.max_bad_steps = 8  # stop after this many non-finite steps in a row
     c.peak_tflops = 0.0  # per device, for MFU; 0 = look up the device kind
-    # fault injection for the reliability tests: NaN in loss + gradients, Inf in the loss only, or one Inf
-    # element in one gradient leaf, at the given 0-based steps
-    c.debug = ml_collections.ConfigDict(dict(inject_nan_steps=(), inject_inf_loss_steps=(),
-                                             inject_inf_grad_steps=(), log_records=False, stop_after=0))
     return c
 
 

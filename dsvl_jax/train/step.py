@@ -8,8 +8,6 @@ optimizer state and pass through the update untouched (bit-identical).
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -52,9 +50,7 @@ def make_loss_fn(module: DeepseekVL, num_tasks: int, loss_chunk: int, text_only:
 
 
 def make_train_step(module: DeepseekVL, tx: optax.GradientTransformation, mask, lr_fn, *, num_tasks: int = 1,
-                    grad_accum: int = 1, loss_chunk: int = 512, text_only: bool = False,
-                    inject_nan_steps: Sequence[int] = (), inject_inf_loss_steps: Sequence[int] = (),
-                    inject_inf_grad_steps: Sequence[int] = ()):
+                    grad_accum: int = 1, loss_chunk: int = 512, text_only: bool = False):
     """(state, batch) → (state, metrics). `text_only` is static: the vision towers are not traced at all."""
     loss_fn = make_loss_fn(module, num_tasks, loss_chunk, text_only)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -73,18 +69,6 @@ def make_train_step(module: DeepseekVL, tx: optax.GradientTransformation, mask, 
         denom = jnp.maximum(cnt, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         mean_loss = loss / denom
-        if inject_nan_steps:  # fault injection for the reliability tests
-            poison = jnp.isin(state["step"], jnp.asarray(tuple(inject_nan_steps)))
-            mean_loss = jnp.where(poison, jnp.nan, mean_loss)
-            grads = jax.tree.map(lambda g: jnp.where(poison, jnp.nan, g), grads)
-        if inject_inf_loss_steps:  # Inf in the loss only; the gradients stay finite
-            mean_loss = jnp.where(jnp.isin(state["step"], jnp.asarray(tuple(inject_inf_loss_steps))), jnp.inf,
-                                  mean_loss)
-        if inject_inf_grad_steps:  # one Inf element in one gradient leaf; the loss stays finite
-            hit = jnp.isin(state["step"], jnp.asarray(tuple(inject_inf_grad_steps)))
-            leaf = sorted(grads)[-1]
-            g = grads[leaf].reshape(-1)
-            grads = {**grads, leaf: g.at[0].set(jnp.where(hit, jnp.inf, g[0])).reshape(grads[leaf].shape)}
         gnorm = optax.global_norm(grads)
         ok = jnp.isfinite(mean_loss) & jnp.isfinite(gnorm)
         updates, new_opt = tx.update(grads, state["opt_state"], trainable)

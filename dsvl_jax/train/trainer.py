@@ -7,10 +7,10 @@ with metrics, periodic eval, checkpoints, preemption and the non-finite-step gua
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
+import signal
 import time
 
 import jax
@@ -22,6 +22,7 @@ from dsvl_jax.config import VLMConfig
 from dsvl_jax.convert import orbax_io
 from dsvl_jax.convert.load import load_pretrained
 from dsvl_jax.data import loader as data_loader
+from dsvl_jax.data import packing as data_packing
 from dsvl_jax.data.mixture import SourceConfig
 from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.processing.tokenizer import Tokenizer
@@ -50,12 +51,17 @@ def data_config(config, sources_key: str = "sources", *, num_epochs=None) -> dat
             srcs.append(SourceConfig(**s))
         except TypeError as e:
             raise validate.ConfigError(f"config.data.{sources_key}[{i}] = {s}: {e}") from None
-    return data_loader.DataConfig(
-        sources=tuple(srcs), mm_warmup_steps=d.mm_warmup_steps, modality_grouping=d.modality_grouping,
-        pack=d.pack, max_examples_per_row=d.max_examples_per_row, max_images_per_row=d.max_images_per_row,
-        long_examples=d.long_examples, tasks=data_loader.DEFAULT_TASKS + tuple(t for t in d.tasks
-                                                                           if t not in data_loader.DEFAULT_TASKS),
-        num_epochs=num_epochs, shard_count=d.shard_count, task_tag_prompt=d.task_tag_prompt)
+    # unset: DataConfig's own default (the one place it is written)
+    optional = {} if d.max_skips_in_a_row is None else {"max_skips_in_a_row": d.max_skips_in_a_row}
+    try:
+        return data_loader.DataConfig(
+            sources=tuple(srcs), mm_warmup_steps=d.mm_warmup_steps, modality_grouping=d.modality_grouping,
+            pack=d.pack, max_examples_per_row=d.max_examples_per_row, max_images_per_row=d.max_images_per_row,
+            long_examples=d.long_examples, tasks=data_loader.DEFAULT_TASKS + tuple(
+                t for t in d.tasks if t not in data_loader.DEFAULT_TASKS),
+            num_epochs=num_epochs, shard_count=d.shard_count, task_tag_prompt=d.task_tag_prompt, **optional)
+    except ValueError as e:
+        raise validate.ConfigError(f"config.data.{sources_key}: {e}") from None
 
 
 def _device_batch(batch, mesh, text_only):
@@ -120,6 +126,19 @@ def _copy_tokenizer(path: str, workdir: str):
 
 
 def train(config, workdir: str) -> dict:
+    """Run (or resume) `config` in `workdir`; returns the last window's metrics and the run's counters.
+
+    SIGTERM and SIGINT stop it cleanly: during start-up at once (`checkpointing.Interrupted`; nothing new to
+    save), later after the current step, or at once while the data pipeline is stuck skipping records; the
+    step reached is saved and the summary says so (`signal`, `saved_step`)."""
+    preempt = Preemption()
+    try:
+        return _train(config, workdir, preempt)
+    finally:
+        preempt.restore_handlers()
+
+
+def _train(config, workdir: str, preempt: Preemption) -> dict:
     mcfg = validate.check(config)
     os.makedirs(workdir, exist_ok=True)
     devices = jax.devices()[:config.mesh.devices] if config.mesh.devices else None
@@ -129,15 +148,16 @@ def train(config, workdir: str) -> dict:
         raise validate.ConfigError(
             f"tokenizer {config.data.tokenizer}: image id {tokenizer.image_token_id} / vocab {tokenizer.vocab_size} "
             f"do not fit the model (image_token_id {mcfg.image_token_id}, vocab_size {mcfg.text.vocab_size})")
-    if jax.process_index() == 0:
-        orbax_io.write_model_config(workdir, mcfg)
-        _copy_tokenizer(config.data.tokenizer, workdir)
-        with open(os.path.join(workdir, "train_config.json.tmp"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(os.path.join(workdir, "train_config.json.tmp"), os.path.join(workdir, "train_config.json"))
-
-    it = data_loader.make_train_iterator(data_config(config), mcfg, tokenizer, batch_size=config.batch_size,
-                                         seq_len=config.seq_len, seed=config.seed, worker_count=config.data.workers)
+    # One process alone can stop inside the pipeline; several must agree first (at the end of a step).
+    single = jax.process_count() == 1
+    dc = data_config(config)
+    try:
+        it = data_loader.make_train_iterator(dc, mcfg, tokenizer, batch_size=config.batch_size,
+                                             seq_len=config.seq_len, seed=config.seed,
+                                             worker_count=config.data.workers,
+                                             interrupt=preempt.local if single else None)
+    except (OSError, ValueError) as e:  # a shard glob that matches nothing, too few records for the shards, ...
+        raise validate.ConfigError(f"config.data.sources: {e}") from None
     num_tasks = len(it.task_vocabulary)
     patterns = stages.patterns_for(config.stage, tuple(config.trainable))
     _, abstract = param_shardings(mcfg, mesh)
@@ -146,81 +166,147 @@ def train(config, workdir: str) -> dict:
     tx, lr_fn = make_optimizer(config.optimizer, config.total_steps, mask)
     ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
-    module = DeepseekVL(mcfg)
-    writer = MetricWriter(workdir, config.total_steps)
     latest = ckpt.latest_step()
+    if latest is not None:  # checked before anything in the workdir is overwritten
+        _check_resumable(ckpt, latest, abstract, config, workdir)
+    if jax.process_index() == 0:
+        orbax_io.write_model_config(workdir, mcfg)
+        _copy_tokenizer(config.data.tokenizer, workdir)
+        with open(os.path.join(workdir, "train_config.json.tmp"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        os.replace(os.path.join(workdir, "train_config.json.tmp"), os.path.join(workdir, "train_config.json"))
+    module = DeepseekVL(mcfg)
     if latest is not None:
         state = ckpt.restore(latest, abstract_state(mcfg, mesh, tx, mask), it)
-        writer.log(f"resumed from {workdir} at step {latest}")
     else:
         state = make_state(initial_params(config, mcfg, mesh), tx, mask, mesh, mcfg)
-    start = int(state["step"])
+    start = latest or 0
+    stop = config.stop_at_step or config.total_steps
+    writer = MetricWriter(workdir, stop, start)
+    if latest is not None:
+        writer.log(f"resumed from {workdir} at step {latest}")
     writer.log(f"{n_train:,} of {n_total:,} params trained (stage {config.stage}); mesh {dict(mesh.shape)}; "
-               f"{num_tasks} task tags; steps {start}→{config.total_steps}")
+               f"{num_tasks} task tags; steps {start}→{stop}"
+               + (f" of a {config.total_steps}-step schedule" if stop < config.total_steps else "")
+               + (" (nothing to train)" if start >= stop else ""))
 
-    kw = dict(num_tasks=num_tasks, grad_accum=config.grad_accum, loss_chunk=config.loss_chunk,
-              inject_nan_steps=tuple(config.debug.inject_nan_steps),
-              inject_inf_loss_steps=tuple(config.debug.inject_inf_loss_steps),
-              inject_inf_grad_steps=tuple(config.debug.inject_inf_grad_steps))
+    kw = dict(num_tasks=num_tasks, grad_accum=config.grad_accum, loss_chunk=config.loss_chunk)
     steps = {t: jax.jit(make_train_step(module, tx, mask, lr_fn, text_only=t, **kw), donate_argnums=0)
              for t in (False, True)}
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops)
-    preempt = Preemption()
-    record_log = open(os.path.join(workdir, f"records.{jax.process_index()}.log"), "a") \
-        if config.debug.log_records else None
-    stop_after = config.debug.stop_after
+    # FLOPs actually computed: every image slot is encoded (padding slots too), text-only steps encode none.
+    flops = {t: flops_lib.train_flops_per_step(
+        mcfg, batch_rows=config.batch_size, seq_len=config.seq_len,
+        images_per_step=0 if t else config.batch_size * config.data.max_images_per_row, trainable_patterns=patterns,
+        text_only=t, loss_chunk=config.loss_chunk, num_tasks=num_tasks) for t in (False, True)}
     summary, window, t_last = {}, [], time.perf_counter()
+    preempt.arm()  # from here a signal saves what was trained
     try:
         with jax.set_mesh(mesh):
-            for step in range(start, config.total_steps):
-                batch = next(it)
+            for step in range(start, stop):
+                before = it.get_state() if single else None
+                try:
+                    batch = next(it)
+                except data_packing.Interrupted:  # a signal while the pipeline skipped records
+                    it.set_state(before)  # the data of this step is read again on resume
+                    saved = step > start and ckpt.latest_step() != step
+                    if saved:
+                        ckpt.save(step, state, it, force=True)
+                    summary.update(signal=_signal_name(preempt), saved_step=step if saved else None)
+                    break
+                except data_packing.TooManySkips as e:
+                    raise validate.ConfigError(_skips_message(e, config)) from None
                 text_only = bool(it.step_is_text_only(step)) if config.data.modality_grouping else \
                     (jax.process_count() == 1 and not batch["image_mask"].any())
-                if record_log is not None:
-                    codes = batch["record_index"]
-                    record_log.write(json.dumps({"step": step, "codes": codes[codes >= 0].tolist()}) + "\n")
-                    record_log.flush()
                 state, m = steps[text_only](state, _device_batch(batch, mesh, text_only))
                 images = int(batch["image_mask"].sum()) * jax.process_count()
                 window.append((m, images, text_only))
                 done = step + 1
                 writer.advance()
-                if done % config.log_every == 0 or done == config.total_steps:
-                    summary = _log_window(writer, done, window, time.perf_counter() - t_last, mcfg, config,
-                                          patterns, peak, it, state, mesh.size)
+                preempted = preempt.requested()
+                log_now = done % config.log_every == 0 or done == stop
+                save_now = done % config.checkpoint.every == 0 or done == stop or preempted
+                if log_now:
+                    summary = _log_window(writer, done, window, time.perf_counter() - t_last, config, flops,
+                                          peak, it, state, mesh.size)
                     window, t_last = [], time.perf_counter()
-                if int(state["bad_steps"]) >= config.max_bad_steps:
-                    ckpt.wait()  # the message names a checkpoint that is finished on disk
-                    raise TrainingDiverged(
-                        f"{int(state['bad_steps'])} non-finite steps in a row at step {done} (limit "
-                        f"config.max_bad_steps={config.max_bad_steps}); the last good checkpoint is step "
-                        f"{ckpt.latest_step()} in {workdir}")
+                if log_now or save_now:  # one read of the counter a window (no device sync per step), and
+                    _check_diverged(state, done, config, ckpt, workdir)  # a diverged state is never saved
                 if config.eval_every and done % config.eval_every == 0 and validate.sources(config, "eval_sources"):
                     summary.update(evaluate(config, mcfg, module, state["params"], tokenizer, mesh, writer, done))
-                preempted = preempt.requested()
-                if done % config.checkpoint.every == 0 or done == config.total_steps or preempted:
+                if save_now:
                     ckpt.save(done, state, it, force=True)
                 if preempted:
-                    writer.log(f"preempted: saved step {done}, exiting")
-                    summary["preempted_at"] = done
+                    summary.update(signal=_signal_name(preempt), saved_step=done)
                     break
-                if stop_after and done - start >= stop_after:
-                    if ckpt.latest_step() != done:  # not saved just above (Orbax refuses a step twice)
-                        ckpt.save(done, state, it, force=True)
-                    summary["stopped_at"] = done
-                    break
+            else:
+                if stop < config.total_steps and start < stop:
+                    summary["stopped_at"] = stop
         ckpt.wait()
+        if "signal" in summary:
+            writer.log(f"{summary['signal']}: " + (f"saved step {summary['saved_step']}, exiting"
+                                                    if summary["saved_step"] is not None else
+                                                    "nothing trained since the last checkpoint, exiting"))
     finally:
-        preempt.restore_handlers()
         writer.close()
-        if record_log is not None:
-            record_log.close()
         ckpt.close()
-    summary.update(step=int(state["step"]), skipped=int(state["skipped"]), data=it.stats().as_dict())
+    counters = jax.device_get({k: state[k] for k in ("step", "skipped")})
+    summary.update(step=int(counters["step"]), skipped=int(counters["skipped"]), data=it.stats().as_dict())
     return summary
 
 
-def _log_window(writer, done, window, seconds, mcfg, config, patterns, peak, it, state, mesh_size):
+def _signal_name(preempt: Preemption) -> str:
+    # another process may have received it: every process stops, this one without a signal of its own
+    return signal.Signals(preempt.signum).name if preempt.signum else "SIGTERM"
+
+
+def _check_diverged(state, done: int, config, ckpt: Checkpointer, workdir: str) -> None:
+    bad = int(jax.device_get(state["bad_steps"]))
+    if bad >= config.max_bad_steps:
+        ckpt.wait()  # the message names a checkpoint that is finished on disk
+        raise TrainingDiverged(
+            f"{bad} non-finite steps in a row at step {done} (limit config.max_bad_steps={config.max_bad_steps}); "
+            f"the last good checkpoint is step {ckpt.latest_step()} in {workdir}")
+
+
+def _check_resumable(ckpt: Checkpointer, step: int, abstract, config, workdir: str) -> None:
+    """The workdir's newest checkpoint fits this config: same param shapes, schedule not shorter than it."""
+    if step > config.total_steps:
+        raise validate.ConfigError(
+            f"{workdir} holds checkpoint {step}, past config.total_steps={config.total_steps}: it was trained on a "
+            f"longer schedule; keep total_steps ≥ {step} (config.stop_at_step stops earlier) or use a new workdir")
+    saved = ckpt.saved_param_shapes(step)
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
+    missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
+    differ = [k for k in want if k in saved and saved[k] != want[k]]
+    if differ:
+        detail = f"param {differ[0]} has shape {saved[differ[0]]} there, {want[differ[0]]} in config.model"
+    elif missing or extra:
+        detail = f"config.model has params it lacks {missing[:3]} and lacks params it has {extra[:3]}"
+    else:
+        return
+    n = len(differ) + len(missing) + len(extra)
+    raise validate.ConfigError(
+        f"{workdir} holds a different model (checkpoint {step}: {detail}; {n} param(s) differ): resume with the "
+        f"config it was trained with (its train_config.json) or use a new workdir")
+
+
+def _skips_message(e: data_packing.TooManySkips, config) -> str:
+    """What a stream that can make no row skipped, and the change that lets its records through."""
+    counts = ", ".join(f"{n} × {reason}" for reason, n in e.reasons.most_common())
+    fixes = []
+    if e.need_seq_len and e.need_seq_len[0] > config.seq_len:
+        least, most = e.need_seq_len
+        fixes.append(f"raise config.seq_len (now {config.seq_len}) to ≥ {least}"
+                     + (f" (≥ {most} fits all of them)" if most > least else ""))
+    if e.need_images > config.data.max_images_per_row:
+        fixes.append(f"raise config.data.max_images_per_row to ≥ {e.need_images}")
+    fix = " and ".join(fixes) or "check the data"
+    return (f"the {e.stream or 'data'} stream skipped {e.limit} records in a row and made no row ({counts}; e.g. "
+            f"{e.example}): {fix} (the limit is config.data.max_skips_in_a_row={e.limit})")
+
+
+def _log_window(writer, done, window, seconds, config, per_step, peak, it, state, mesh_size):
     ms = jax.device_get([w[0] for w in window])
     n = len(ms)
     ok = np.array([bool(m["ok"]) for m in ms])
@@ -229,14 +315,9 @@ def _log_window(writer, done, window, seconds, mcfg, config, patterns, peak, it,
     task_sum = sum(np.asarray(m["task_loss_sum"]) for m in ms)
     task_cnt = sum(np.asarray(m["task_count"]) for m in ms)
     images = sum(w[1] for w in window)
-    # FLOPs actually computed: every image slot is encoded (padding slots too), text-only steps encode none.
-    slots = config.batch_size * config.data.max_images_per_row
-    per_step = {t: flops_lib.train_flops_per_step(
-        mcfg, batch_rows=config.batch_size, seq_len=config.seq_len, images_per_step=0 if t else slots,
-        trainable_patterns=patterns, text_only=t, loss_chunk=config.loss_chunk,
-        num_tasks=len(it.task_vocabulary)) for t in {w[2] for w in window}}
     fl = sum(per_step[w[2]]["total"] for w in window)
     fl_causal = sum(per_step[w[2]]["total_causal"] for w in window)
+    skipped = int(jax.device_get(state["skipped"]))
     scalars = {
         "loss": float(losses[ok].mean()) if ok.any() else float("nan"),
         "grad_norm": float(np.mean([float(m["grad_norm"]) for m, k in zip(ms, ok) if k])) if ok.any() else float("nan"),
@@ -244,7 +325,7 @@ def _log_window(writer, done, window, seconds, mcfg, config, patterns, peak, it,
         "tokens_per_s": tokens / seconds,
         "images_per_s": images / seconds,
         "steps_per_s": n / seconds,
-        "skipped_steps": int(state["skipped"]),
+        "skipped_steps": skipped,
         "bad_steps_in_window": int((~ok).sum()),
     }
     if peak:

@@ -97,6 +97,14 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
                           f"the patterns {pats} match no parameter")
     if config.total_steps <= 0:
         raise ConfigError(f"config.total_steps={config.total_steps} must be positive")
+    if not 0 <= config.stop_at_step <= config.total_steps:
+        raise ConfigError(f"config.stop_at_step={config.stop_at_step} must be in 0..config.total_steps="
+                          f"{config.total_steps} (0 = total_steps)")
+    if config.log_every <= 0:
+        raise ConfigError(f"config.log_every={config.log_every} must be positive")
+    if config.data.max_skips_in_a_row is not None and config.data.max_skips_in_a_row < 0:
+        raise ConfigError(f"config.data.max_skips_in_a_row={config.data.max_skips_in_a_row} must be >= 0 "
+                          "(0 = no limit)")
     if config.seq_len <= 1:
         raise ConfigError(f"config.seq_len={config.seq_len} must be > 1")
     if config.seq_len > mcfg.text.max_position_embeddings:

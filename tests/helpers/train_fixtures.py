@@ -16,6 +16,26 @@ def make_corpus(root: str, seed: int = 0):
     return srcs, os.path.join(tok_dir, "tokenizer.json")
 
 
+def long_prompt_records(n: int = 4, words: int = 240):
+    """Conversations whose system prompt alone is longer than the tiny configs' rows (`words` words, a token or
+    more each; seq_len 160): the packer skips every one, "nothing supervised within seq_len"."""
+    import numpy as np
+
+    from dsvl_jax.data import records as R
+    rng = np.random.default_rng(1)
+    return [R.Record(f"long-{i}", "long", "sft", (R.text(synthetic.sentence(rng, words), "system"),
+                                                  R.text(synthetic.sentence(rng, 4) + "?", "user"),
+                                                  R.text(synthetic.sentence(rng, 3), "assistant")))
+            for i in range(n)]
+
+
+def write_long_prompt_source(root: str) -> dict:
+    """`long_prompt_records` as a text-modality source (a config dict) under root."""
+    from dsvl_jax.data import records as R
+    R.write_records(os.path.join(root, "long"), long_prompt_records())
+    return dict(name="long", paths=os.path.join(root, "long-*.array_record"), weight=1.0, modality="text")
+
+
 def tiny_config(variant: str, sources, tokenizer, **overrides):
     import importlib.util
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
