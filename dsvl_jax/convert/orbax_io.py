@@ -115,8 +115,15 @@ class OrbaxSource:
                                                        sep="/")}
         args = {"params": traverse_util.unflatten_dict({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths},
                                                        sep="/")}
-        out = self._ckpt.restore(self.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                                             partial_restore=True))
+        previous = _drop_closed_loop_noise()  # from before the first read: the noise can outrun the error
+        try:
+            out = self._ckpt.restore(self.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                                 partial_restore=True))
+        except (ValueError, OSError) as e:  # how tensorstore reports a data file missing or cut short
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OrbaxError(f"{self.state_dir}: damaged Orbax checkpoint: a data file is missing or truncated "
+                             f"({first})") from None
+        sys.unraisablehook = previous  # a restore that worked leaves no reads behind
         return traverse_util.flatten_dict(out["params"], sep="/")
 
     # -- the three callbacks of export.plan_tensors --
@@ -148,6 +155,29 @@ class OrbaxSource:
             target = np.dtype(jnp.dtype(dtype))
             flat = {p: a.astype(target, copy=False) for p, a in flat.items()}
         return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_noise():
+    """After a failed restore, the reads still in flight finish on tensorstore threads and call back into
+    Orbax's event loop, which is closed by then: each prints an "Event loop is closed" traceback (an
+    unraisable exception), seconds after the error was reported. Those, and only those, are dropped from
+    now on; returns the hook to put back when the restore worked."""
+    hook = sys.unraisablehook
+    if getattr(hook, "_dsvl_filter", False):
+        return hook
+
+    def filtered(unraisable):
+        if not _is_closed_loop_noise(unraisable):
+            hook(unraisable)
+
+    filtered._dsvl_filter = True
+    sys.unraisablehook = filtered
+    return hook
 
 
 def load_orbax_params(path: str, step: Optional[int] = None, dtype=None) -> tuple:
