@@ -5,6 +5,7 @@ appears only for a value the user gave; a broken checkpoint is one line, exit co
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -104,3 +105,13 @@ def test_broken_checkpoint_is_one_line_without_traceback(ckpts, tmp_path, damage
     proc = run(CHAT, "--ckpt", src["path"], "--image", ckpts["image"], "--max-new-tokens", "4", QUESTION)
     assert_one_line_error(proc, "dsvl-chat", *src["names"])
     assert proc.stdout == ""
+
+
+def test_orbax_dir_without_its_tokenizer_says_where_to_put_it(ckpts, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(ckpts["orbax"], run_dir, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    out, err = io.StringIO(), io.StringIO()
+    assert chat_cli.main(["--ckpt", str(run_dir), QUESTION], stdin=io.StringIO(), out=out, err=err) == 2
+    msg = err.getvalue().strip()
+    assert msg.count("\n") == 0 and "no tokenizer.json or tokenizer.model" in msg, msg
+    assert f"copy the training tokenizer (tokenizer.json and tokenizer_config.json) into {run_dir}" in msg

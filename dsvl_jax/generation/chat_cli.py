@@ -99,11 +99,17 @@ class ChatSession:
     def __init__(self, args, out: TextIO, err: TextIO):
         self.args, self.out, self.err = args, out, err
         check_flags(args)
+        folder = None
         try:
             folder = describe(args.ckpt)
             self.config = folder.config
             self.tokenizer = Tokenizer.from_file(folder.files_dir)
             self.processor = Processor(self.tokenizer, self.config)
+        except FileNotFoundError as e:
+            if folder is not None and folder.kind == "orbax":  # the trainer copies it there; a bare run may lack it
+                raise ChatError(f"{e}; copy the training tokenizer (tokenizer.json and tokenizer_config.json) "
+                                f"into {folder.files_dir}") from None
+            raise ChatError(f"{args.ckpt}: {e}" if args.ckpt not in str(e) else str(e)) from None
         except (OSError, ConfigError, CheckpointError, ValueError) as e:
             raise ChatError(f"{args.ckpt}: {e}" if args.ckpt not in str(e) else str(e)) from None
         self.vlm = None
