@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dsvl_jax.config import VLMConfig
+from dsvl_jax.convert import folders  # jax-free: config files and folder names only
 from dsvl_jax.processing import image as image_ops
 from dsvl_jax.processing.chat import SYSTEM_PROMPT, conversation_images, format_prompt
 from dsvl_jax.processing.tokenizer import Tokenizer
@@ -76,8 +77,6 @@ class Processor:
         The tokenizer comes from the folder (tokenizer.json or tokenizer.model); the model config is
         `config`, or else the folder's (only config files are read, never the weights). A tokenizer
         folder without a model config needs `config=`."""
-        from dsvl_jax.convert import folders
-
         directory = os.fspath(directory)
         if config is None:
             has_config = os.path.isfile(os.path.join(directory, "config.json")) or folders.is_orbax(directory)
