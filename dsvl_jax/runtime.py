@@ -21,7 +21,7 @@ import numpy as np
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.errors import InputError
 from dsvl_jax.generation.engine import Generator
-from dsvl_jax.generation.inputs import check_pixels, check_views
+from dsvl_jax.generation.inputs import check_ids, check_pixels, check_views
 from dsvl_jax.models.vlm import DeepseekVL
 
 
@@ -38,15 +38,29 @@ class VLM:
         self.source = None  # folder it was loaded from (tokenizer / processor files travel from there)
 
     # ---- checks ----
-    def check_inputs(self, input_ids, n_images: int, tokens_per_image: Optional[np.ndarray] = None):
+    def check_ids(self, input_ids, attention_mask=None) -> np.ndarray:
+        """input_ids as a [batch, length] integer array of ids in [0, vocab) (at unmasked positions when an
+        attention_mask is given), within the context; raises `InputError` naming the argument."""
         c = self.config
         ids = np.asarray(input_ids)
         if ids.ndim != 2:
             raise InputError(f"input_ids must be [batch, length], got shape {ids.shape}")
         if ids.shape[1] > c.text.max_position_embeddings:
             raise InputError(f"input length {ids.shape[1]} exceeds the context of {c.text.max_position_embeddings}")
-        if ids.size and (ids.max() >= c.text.vocab_size):
-            raise InputError(f"input_ids hold id {int(ids.max())} ≥ vocab_size {c.text.vocab_size}")
+        mask = None
+        if attention_mask is not None:
+            mask = np.asarray(attention_mask)
+            if mask.shape != ids.shape:
+                raise InputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise InputError("attention_mask must hold only 0 and 1")
+            mask = mask == 1
+        check_ids(ids, c.text.vocab_size, mask)
+        return ids
+
+    def check_inputs(self, input_ids, n_images: int, tokens_per_image: Optional[np.ndarray] = None):
+        c = self.config
+        ids = self.check_ids(input_ids)
         n_tok = int((ids == c.image_token_id).sum())
         want = int(tokens_per_image) if tokens_per_image is not None else n_images * c.num_image_tokens
         if n_tok != want:
@@ -73,7 +87,7 @@ class VLM:
         Official contract: `images` [B, n, 3, S, S] in [0,1] with `images_seq_mask` [B,T] and
         `images_emb_mask` [B, n, tokens]; padded image slots are encoded and dropped."""
         c = self.config
-        ids = np.asarray(input_ids)
+        ids = self.check_ids(input_ids, attention_mask)
         pv, hv, im = _np(pixel_values), _np(high_res_pixel_values), _np(images)
         feature_valid = token_mask = None
         if im is not None:

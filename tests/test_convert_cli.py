@@ -138,7 +138,9 @@ def test_shape_that_does_not_fit_the_config(tmp_path, capsys, sources):
 
 def test_bad_arguments(tmp_path, capsys, sources):
     fails(capsys, [sources["hf"], str(tmp_path / "out"), "--to", "hf", "--step", "1"], "--step", where=str(tmp_path))
-    fails(capsys, [sources["hf"], str(tmp_path / "no" / "out"), "--to", "hf"], "does not exist", where=str(tmp_path))
+    (tmp_path / "a_file").write_text("x")
+    fails(capsys, [sources["hf"], str(tmp_path / "a_file" / "out"), "--to", "hf"], "a_file", "is a file",
+          where=str(tmp_path))
     with pytest.raises(SystemExit) as e:  # argparse: exit code 2 as well
         cli([sources["hf"], str(tmp_path / "out"), "--to", "onnx"])
     assert e.value.code == 2
@@ -148,10 +150,10 @@ def test_bad_arguments(tmp_path, capsys, sources):
 
 
 @pytest.mark.parametrize("to", ["official", "orbax"])
-def test_failure_half_way_leaves_nothing_and_keeps_an_old_destination(tmp_path, monkeypatch, sources, to):
+def test_failure_half_way_leaves_nothing_and_keeps_an_old_destination(tmp_path, monkeypatch, capsys, sources, to):
     """A crash after part of the destination is written (PyTorch: the 40th tensor; Orbax: after the
-    checkpoint, while copying side files): no destination, no temporary folder; with --overwrite the old
-    destination survives intact."""
+    checkpoint, while copying side files): no destination, no temporary folder, no parent folder it
+    created; with --overwrite the old destination survives intact."""
     from dsvl_jax.convert import export
     calls = {"n": 0}
 
@@ -170,15 +172,21 @@ def test_failure_half_way_leaves_nothing_and_keeps_an_old_destination(tmp_path, 
         monkeypatch.setattr(keymap, "to_torch", crash_on_40th(keymap.to_torch))
     else:
         monkeypatch.setattr(export, "copy_side_files", crash)
-    with pytest.raises(OSError, match="disk on fire"):
-        cli([sources["hf"], str(tmp_path / "out"), "--to", to])
+    def fails_writing(capsys, argv):  # one line, exit code 1: the input was fine, the disk was not
+        assert cli(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("dsvl-convert: error: writing ") and "disk on fire" in err
+
+    fails_writing(capsys, [sources["hf"], str(tmp_path / "out"), "--to", to])
     assert os.listdir(tmp_path) == []
+    calls["n"] = 0
+    fails_writing(capsys, [sources["hf"], str(tmp_path / "new" / "deeper" / "out"), "--to", to])
+    assert os.listdir(tmp_path) == []  # the parents it created went too
     old = tmp_path / "old"
     old.mkdir()
     (old / "keep.txt").write_text("mine")
     calls["n"] = 0
-    with pytest.raises(OSError, match="disk on fire"):
-        cli([sources["hf"], str(old), "--to", to, "--overwrite"])
+    fails_writing(capsys, [sources["hf"], str(old), "--to", to, "--overwrite"])
     assert os.listdir(tmp_path) == ["old"] and os.listdir(old) == ["keep.txt"]
 
 
@@ -192,3 +200,25 @@ def test_every_direction_and_the_tools_wrapper(tmp_path, sources):
     out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "--help"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "--max-shard-size" in out.stdout
+
+
+def test_processor_files_follow_the_destination_layout(tmp_path, capsys, sources):
+    """An official VLChatProcessor config never lands in an HF export (AutoProcessor would fail on it), nor
+    the HF one in an official export; an HF export always gets its own processor config and chat template,
+    and says so when the source had no tokenizer to bring along."""
+    from dsvl_jax.convert.export import processor_format
+    off = tmp_path / "off"
+    shutil.copytree(sources["official"], off)
+    (off / "processor_config.json").write_text(json.dumps({"processor_class": "VLChatProcessor", "image_tag": "x"}))
+    (off / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "VLMImageProcessor"}))
+    assert cli([str(off), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "no tokenizer files" in err and err.count("\n") == 1
+    names = os.listdir(tmp_path / "hf")
+    assert "preprocessor_config.json" not in names and "chat_template.jinja" in names
+    assert processor_format(str(tmp_path / "hf" / "processor_config.json")) == "hf"
+    assert cli([str(tmp_path / "hf"), str(tmp_path / "off2"), "--to", "official"]) == 0
+    assert not {"processor_config.json", "preprocessor_config.json"} & set(os.listdir(tmp_path / "off2"))
+    assert cli([str(off), str(tmp_path / "off3"), "--to", "official"]) == 0  # same layout: they travel
+    assert processor_format(str(tmp_path / "off3" / "processor_config.json")) == "official"
+    assert processor_format(str(tmp_path / "off3" / "preprocessor_config.json")) == "official"

@@ -125,7 +125,9 @@ def test_written_checkpoint_resumes_in_a_trainer_on_a_mesh(tmp_path):
     hf = save_pretrained((cfg, params), str(tmp_path / "hf"), layout="hf")
     run = str(tmp_path / "run")
     assert cli([hf, run, "--to", "orbax"]) == 0
-    assert sorted(os.listdir(run)) == ["checkpoints", "model_config.json"]
+    # the HF folder's processor files (save_pretrained writes them) travel beside the model config
+    assert sorted(os.listdir(run)) == ["chat_template.jinja", "checkpoints", "model_config.json",
+                                       "processor_config.json"]
     assert orbax_io.read_model_config(os.path.join(run, "model_config.json")) == cfg
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     abstract = abstract_params(cfg)

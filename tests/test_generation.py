@@ -201,3 +201,27 @@ def test_bad_inputs_fail_before_compiling(tiny):
     with pytest.raises(InputError, match="padding positions"):
         gen.generate(bad, pixel_values=pv, high_res_pixel_values=hv, **kw)
     assert not gen.compile_counts
+
+
+def test_token_ids_must_be_integers_in_the_vocabulary(tiny):
+    """`vlm(input_ids)` (both contracts) and `generate` refuse negative, too large and non-integer ids with
+    an `InputError` naming input_ids, before anything compiles (they would be truncated or clamped)."""
+    cfg, _, vlm = tiny
+    ids = np.full((1, 8), 5, np.int64)
+    negative, too_large = ids.copy(), ids.copy()
+    negative[0, 3], too_large[0, 3] = -1, cfg.text.vocab_size
+    official = dict(images=np.zeros((1, 1, 3, cfg.image_size, cfg.image_size), np.float32),
+                    images_emb_mask=np.zeros((1, 1, cfg.num_image_tokens), bool),
+                    images_seq_mask=np.zeros(ids.shape, bool))
+    cases = [(negative, "input_ids hold id -1, outside the vocabulary [0, 512)"),
+             (too_large, "input_ids hold id 512, outside the vocabulary [0, 512)"),
+             (ids.astype(np.float32), "input_ids must hold integer token ids, got dtype float32"),
+             (ids.astype(bool), "input_ids must hold integer token ids, got dtype bool")]
+    with CompileCounter() as counter:
+        for bad, message in cases:
+            for call in (lambda x: vlm(x), lambda x: vlm(x, **official), lambda x: vlm.generate(x, max_new_tokens=2)):
+                with pytest.raises(InputError, match=re.escape(message)):
+                    call(bad)
+        with pytest.raises(InputError, match="attention_mask has shape"):
+            vlm(ids, attention_mask=np.ones((1, 7), np.int32))
+    assert counter.count == 0

@@ -1,12 +1,13 @@
-"""The official `deepseek` chat format: hand-written expected strings, multi-turn, loss segments."""
+"""The official `deepseek` chat format: hand-written expected strings, multi-turn, loss segments, and the
+same format as the Jinja chat template of HF exports."""
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsvl_jax.processing.chat import (EOS_TOKEN, IMAGE_TAG, SYSTEM_PROMPT, conversation_images, format_prompt,
-                                      render_segments)
+from dsvl_jax.processing.chat import (CHAT_TEMPLATE, EOS_TOKEN, IMAGE_TAG, SYSTEM_PROMPT, conversation_images,
+                                      format_prompt, render_segments)
 
 SYS = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
        "the user provides, and assist the user with a variety of tasks using natural language.")
@@ -113,3 +114,45 @@ def test_matches_the_reference_algorithm(contents, ask, system):
     answers = [t for t, r in segs if r == "assistant"]
     expected = [" " + m["content"].strip() + EOS_TOKEN for m in conv if m["role"] == "Assistant" and m["content"]]
     assert answers == expected
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """transformers' own template renderer: a tokenizer (trained here) carrying our chat template."""
+    from transformers import AutoTokenizer
+
+    from dsvl_jax.processing.tokenizer_build import build_bpe_tokenizer, sample_corpus
+    folder = tmp_path_factory.mktemp("chat_template")
+    build_bpe_tokenizer(sample_corpus(50), 300, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _hf_message(role: str, content: str, as_parts: bool) -> dict:
+    """An HF chat message: the content as a string, or as text parts with an image part per placeholder."""
+    if not as_parts:
+        return {"role": role.lower(), "content": content}
+    parts = []
+    for i, piece in enumerate(content.split(IMAGE_TAG)):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return {"role": role.lower(), "content": parts}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_text.filter(lambda s: s.strip()), min_size=1, max_size=5), st.sampled_from(["none", "flag", "turn"]),
+       st.sampled_from(["", SYS, "  spaced system  "]), st.booleans())
+def test_chat_template_renders_the_same_prompt(hf_tokenizer, contents, ask, system, as_parts):
+    """The chat_template.jinja of HF exports, rendered by transformers, is `format_prompt` for HF messages."""
+    conv = [{"role": "User" if i % 2 == 0 else "Assistant", "content": c} for i, c in enumerate(contents)]
+    if ask == "turn" and conv[-1]["role"] == "User":
+        conv.append({"role": "Assistant", "content": ""})
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        _hf_message(m["role"], m["content"], as_parts) for m in conv]
+    flag = ask == "flag" and conv[-1]["role"] == "User"
+    rendered = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=flag, tokenize=False)
+    expected = conv + [{"role": "Assistant", "content": ""}] if flag else conv
+    assert rendered == format_prompt(expected, system_prompt=system)

@@ -12,6 +12,7 @@ from PIL import Image
 
 import dsvl_jax
 from dsvl_jax.config import tiny
+from dsvl_jax.convert import config_io
 from dsvl_jax.processing import image as im
 from dsvl_jax.processing.processor import Processor, expand_image_tokens
 from dsvl_jax.processing.tokenizer_build import build_bpe_tokenizer, sample_corpus
@@ -168,12 +169,16 @@ def test_tokenizer_and_config_must_agree(tok_dir, tmp_path):
         Processor.from_pretrained(tok_dir)
 
 
-def test_from_pretrained_reads_a_vlmconfig_json(tok_dir, tmp_path):
+def test_from_pretrained_reads_a_vlmconfig_or_hf_config_json(tok_dir, tmp_path):
     d = tmp_path / "model"
     build_bpe_tokenizer(sample_corpus(200), 512, d)
     (d / "config.json").write_text(json.dumps(tiny(hybrid=False).to_dict()))
     proc = Processor.from_pretrained(d)
     assert not proc.config.is_hybrid and proc.image_size == 32
+    # an HF-port config.json is read as well (config files only: this folder has no weights)
+    (d / "config.json").write_text(json.dumps(config_io.to_hf(tiny())))
+    proc = Processor.from_pretrained(d)
+    assert proc.config.is_hybrid and proc.config.image_token_id == 511
     (d / "config.json").write_text(json.dumps({"model_type": "deepseek_vl_hybrid"}))
-    with pytest.raises(ValueError, match="not a dsvl_jax VLMConfig"):
+    with pytest.raises(ValueError, match=r"config\.json: missing or malformed 'text_config'"):
         Processor.from_pretrained(d)

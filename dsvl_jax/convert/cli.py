@@ -4,7 +4,9 @@ HF-port folder and an official-layout folder, in any direction (also `python too
 The source layout is detected (Orbax workdir / checkpoints dir / step dir; else config.json's
 model_type). PyTorch ↔ PyTorch streams one tensor at a time through the key map; Orbax sources are
 restored params-only onto the host. The destination is written into a temporary folder beside it and
-renamed at the end; bad input gets a one-line error (exit code 2) and nothing is written.
+renamed at the end (missing parent folders are created; permissions follow the umask); bad input gets a
+one-line error (exit code 2) and nothing is written. An HF-port destination is complete: tokenizer
+files, processor_config.json and chat_template.jinja beside the weights (`AutoProcessor` loads it).
 """
 from __future__ import annotations
 
@@ -17,8 +19,8 @@ from typing import Optional
 import jax
 
 from dsvl_jax.convert import orbax_io, stream
-from dsvl_jax.convert.export import DestinationExists, plan_tensors, write_folder
-from dsvl_jax.convert.load import read_config
+from dsvl_jax.convert.export import DestinationExists, has_tokenizer, plan_tensors, write_folder
+from dsvl_jax.convert.folders import read_config
 from dsvl_jax.convert.safetensors_io import INDEX_NAME, MAX_SHARD_BYTES, SINGLE_NAME
 from dsvl_jax.errors import CheckpointError, ConfigError
 
@@ -67,8 +69,10 @@ def check_destination(src: str, dst: str, overwrite: bool) -> None:
     if os.path.exists(dst) and not overwrite:
         raise DestinationExists(f"destination {dst!r} already exists (pass --overwrite to replace it)")
     parent = os.path.dirname(os.path.abspath(dst))
+    while not os.path.exists(parent):  # missing parents are created (by the writer, once the source checks out)
+        parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"the folder {parent!r} that should hold the destination does not exist")
+        raise NotADirectoryError(f"{parent!r} is a file, so it cannot hold the destination {dst!r}")
 
 
 def convert(src: str, dst: str, to: str, *, dtype: Optional[str] = None, overwrite: bool = False,
@@ -118,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv=None) -> int:
+    """Exit status 0; 2 for input that cannot be converted (named in one line on stderr); 1 when writing
+    fails (disk full, permissions), also in one line: no traceback for what the user can fix."""
     args = build_parser().parse_args(argv)
     if "JAX_PLATFORMS" not in os.environ:  # conversion is host work: never grab an accelerator
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -128,10 +138,16 @@ def main(argv=None) -> int:
         out = convert(args.src, args.dst, args.to, dtype=args.dtype, overwrite=args.overwrite, step=args.step,
                       max_shard_bytes=args.max_shard_size)
     except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
-        msg = " ".join(str(e).split())  # one line, whatever the message
-        print(f"dsvl-convert: error: {msg}", file=sys.stderr)
+        print(f"dsvl-convert: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"dsvl-convert: error: writing {args.dst}: {one_line(e)}", file=sys.stderr)
+        return 1
     print(f"dsvl-convert: wrote {out} ({args.to})")
+    if args.to == "hf" and not has_tokenizer(out):
+        print(f"dsvl-convert: note: {args.src} has no tokenizer files beside its config, so {out} has none; "
+              "transformers' AutoProcessor needs tokenizer.json (or tokenizer.model) with "
+              "tokenizer_config.json copied into it", file=sys.stderr)
     return 0
 
 

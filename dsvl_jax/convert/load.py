@@ -7,7 +7,6 @@ the host never holds a second full copy of the model.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -20,36 +19,14 @@ from flax import traverse_util
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.convert import keymap, orbax_io
-from dsvl_jax.convert.config_io import from_any
+from dsvl_jax.convert.folders import read_config  # noqa: F401  (part of this module's interface)
 from dsvl_jax.convert.safetensors_io import DTYPES, FLOAT_CODES, SafetensorsReader
-from dsvl_jax.errors import CheckpointError, ConfigError
+from dsvl_jax.errors import CheckpointError
 from dsvl_jax.runtime import VLM
 from dsvl_jax.state import abstract_params, param_shardings
 
 # Keys PyTorch checkpoints may carry that hold nothing the model needs.
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def read_config(path: str) -> tuple:
-    """(layout, VLMConfig, raw dict) from `path/config.json`, with errors that name the file."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: expected a checkpoint directory, got a file")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
-        listing = sorted(os.listdir(path))
-        what = "is empty" if not listing else f"has no config.json (found {listing[:6]})"
-        raise CheckpointError(f"{path}: not a DeepSeek-VL checkpoint: the directory {what}")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{cfg_path}: unreadable JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{cfg_path}: expected a JSON object")
-    layout, cfg = from_any(raw, cfg_path)
-    return layout, cfg, raw
 
 
 def _target_dtype(code: str, dtype) -> np.dtype:

@@ -12,9 +12,9 @@ numpy arrays on the host, whatever mesh the checkpoint was saved from. Written c
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import sys
 from typing import Optional
 
 import jax
@@ -25,18 +25,11 @@ from flax import traverse_util
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.convert import export
-from dsvl_jax.errors import CheckpointError
+# The folder contract lives in `folders` (jax-free); its names are part of this module's interface too.
+from dsvl_jax.convert.folders import (  # noqa: F401
+    ALT_CONFIG, CHECKPOINTS_DIR, DATA, ITEM_NAMES, MODEL_CONFIG, STATE, Location, OrbaxError, is_orbax, locate,
+    read_model_config)
 from dsvl_jax.state import check_params, param_shapes
-
-CHECKPOINTS_DIR = "checkpoints"
-MODEL_CONFIG = "model_config.json"
-ALT_CONFIG = "config.json"  # accepted inside the checkpoints dir
-ITEM_NAMES = ("state", "data")
-STATE, DATA = ITEM_NAMES
-
-
-class OrbaxError(CheckpointError):
-    """An Orbax checkpoint that cannot be read as asked; the message names the folder."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,75 +57,6 @@ def write_model_config(workdir: str, cfg: VLMConfig) -> str:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
     return path
-
-
-def read_model_config(path: str) -> VLMConfig:
-    try:
-        with open(path) as f:
-            d = json.load(f)
-        return VLMConfig.from_dict(d)
-    except (OSError, ValueError, TypeError) as e:
-        raise OrbaxError(f"{path}: not a model config written by VLMConfig.to_dict() ({e})") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# finding a checkpoint
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Location:
-    checkpoints_dir: str
-    step: int
-    step_dir: str
-    config_path: str
-    workdir: Optional[str]  # holds model_config.json and side files; None if the layout has none
-
-
-def _steps(checkpoints_dir: str) -> list:
-    """Finished steps: Orbax writes into a temporary name and renames to the bare step number at the end."""
-    return sorted(int(n) for n in os.listdir(checkpoints_dir)
-                  if n.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, n)))
-
-
-def is_orbax(path: str) -> bool:
-    """A training workdir, its checkpoints dir or one step dir (cheap: directory names only)."""
-    if not os.path.isdir(path):
-        return False
-    if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)) or os.path.isdir(os.path.join(path, STATE)):
-        return True
-    return any(os.path.isdir(os.path.join(path, n, STATE)) or os.path.isdir(os.path.join(path, n, DATA))
-               for n in os.listdir(path) if n.isdigit())
-
-
-def locate(path: str, step: Optional[int] = None) -> Location:
-    """Resolve a workdir / checkpoints dir / step dir (latest step unless `step`) and its model config."""
-    path = os.path.abspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
-    if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)):
-        ckdir = os.path.join(path, CHECKPOINTS_DIR)
-    elif os.path.basename(path).isdigit() and (os.path.isdir(os.path.join(path, STATE))
-                                               or os.path.isdir(os.path.join(path, DATA))):
-        ckdir = os.path.dirname(path)
-        if step is not None and step != int(os.path.basename(path)):
-            raise OrbaxError(f"{path} is the step-{int(os.path.basename(path))} folder, but step {step} was asked")
-        step = int(os.path.basename(path))
-    else:
-        ckdir = path
-    steps = _steps(ckdir) if os.path.isdir(ckdir) else []
-    if not steps:
-        raise OrbaxError(f"{ckdir}: no finished Orbax checkpoint step (expected <step>/{STATE} folders)")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise OrbaxError(f"{ckdir}: no step {step}; the checkpoint has steps {steps}")
-    parent = os.path.dirname(ckdir)
-    candidates = [os.path.join(parent, MODEL_CONFIG), os.path.join(ckdir, ALT_CONFIG), os.path.join(ckdir, MODEL_CONFIG)]
-    config_path = next((c for c in candidates if os.path.isfile(c)), None)
-    if config_path is None:
-        raise OrbaxError(f"{ckdir}: no model config: expected {candidates[0]} (or {ALT_CONFIG} in the checkpoints "
-                         f"dir) holding VLMConfig.to_dict()")
-    workdir = parent if os.path.basename(ckdir) == CHECKPOINTS_DIR else None
-    return Location(ckdir, step, os.path.join(ckdir, str(step)), config_path, workdir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +115,15 @@ class OrbaxSource:
                                                        sep="/")}
         args = {"params": traverse_util.unflatten_dict({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in paths},
                                                        sep="/")}
-        out = self._ckpt.restore(self.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                                             partial_restore=True))
+        previous = _drop_closed_loop_noise()  # from before the first read: the noise can outrun the error
+        try:
+            out = self._ckpt.restore(self.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                                 partial_restore=True))
+        except (ValueError, OSError) as e:  # how tensorstore reports a data file missing or cut short
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OrbaxError(f"{self.state_dir}: damaged Orbax checkpoint: a data file is missing or truncated "
+                             f"({first})") from None
+        sys.unraisablehook = previous  # a restore that worked leaves no reads behind
         return traverse_util.flatten_dict(out["params"], sep="/")
 
     # -- the three callbacks of export.plan_tensors --
@@ -224,6 +155,29 @@ class OrbaxSource:
             target = np.dtype(jnp.dtype(dtype))
             flat = {p: a.astype(target, copy=False) for p, a in flat.items()}
         return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _is_closed_loop_noise(unraisable) -> bool:
+    exc = unraisable.exc_value
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_noise():
+    """After a failed restore, the reads still in flight finish on tensorstore threads and call back into
+    Orbax's event loop, which is closed by then: each prints an "Event loop is closed" traceback (an
+    unraisable exception), seconds after the error was reported. Those, and only those, are dropped from
+    now on; returns the hook to put back when the restore worked."""
+    hook = sys.unraisablehook
+    if getattr(hook, "_dsvl_filter", False):
+        return hook
+
+    def filtered(unraisable):
+        if not _is_closed_loop_noise(unraisable):
+            hook(unraisable)
+
+    filtered._dsvl_filter = True
+    sys.unraisablehook = filtered
+    return hook
 
 
 def load_orbax_params(path: str, step: Optional[int] = None, dtype=None) -> tuple:

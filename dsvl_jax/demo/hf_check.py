@@ -21,7 +21,7 @@ from dsvl_jax.demo.data import SYSTEM_PROMPT
 from dsvl_jax.demo.evaluate import prompt
 from dsvl_jax.processing import image as image_ops
 from dsvl_jax.processing.chat import format_prompt
-from dsvl_jax.processing.processor import Processor, write_hf_processor_config
+from dsvl_jax.processing.processor import Processor
 from dsvl_jax.runtime import VLM
 
 
@@ -45,10 +45,9 @@ class HFAnswer:
 
 
 def export(vlm: VLM, tokenizer_dir: str, path: str) -> str:
-    """HF-port folder of `vlm` (float32) with the tokenizer and the processor config beside the weights."""
-    out = save_pretrained(vlm, path, layout="hf", overwrite=True, side_files_from=tokenizer_dir)
-    write_hf_processor_config(out, vlm.config)
-    return out
+    """HF-port folder of `vlm` (float32) with the tokenizer, processor config and chat template beside the
+    weights (what every `save_pretrained(layout="hf")` writes)."""
+    return save_pretrained(vlm, path, layout="hf", overwrite=True, side_files_from=tokenizer_dir)
 
 
 def _strip(tokenizer, ids) -> tuple[list, str]:

@@ -4,14 +4,18 @@
     dsvl-chat --ckpt DIR                  # interactive: /image PATH, /reset, /help, /quit
     dsvl-chat --ckpt DIR --image a.png --json "question"   # token ids + timings as JSON
 
-DIR is any checkpoint folder `load_pretrained` reads (HF-port or official layout) with the tokenizer
-files beside it. The prompt is the official `deepseek` chat format; a question without
-`<image_placeholder>` tags gets one per image in front of it, a question with tags needs exactly one
-per image. Greedy decoding unless --temperature > 0 (then sampling with --top-p / --top-k and --seed).
+DIR is any checkpoint folder `load_pretrained` reads with its tokenizer: an HF-port or official-layout
+folder (tokenizer files beside config.json) or an Orbax training checkpoint (the workdir, its
+checkpoints dir or a step dir; the trainer copies the tokenizer into the workdir). The prompt is the
+official `deepseek` chat format; a question without `<image_placeholder>` tags gets one per image in
+front of it, a question with tags needs exactly one per image. Greedy decoding unless --temperature > 0
+(then sampling with --top-p / --top-k and --seed); --top-p / --top-k without it are refused, not ignored.
 
 Everything the user can get wrong (missing or unreadable image, placeholder/image count, a prompt
-longer than the context, a folder without config or tokenizer) is reported before the weights are
-loaded or anything compiles; the exit status is 2 for such errors.
+longer than the context, a folder without config or tokenizer, sampling flags that mean nothing) is
+reported before the weights are loaded or anything compiles; a checkpoint whose weights turn out
+unreadable (truncated safetensors, a missing shard or Orbax data file) is reported when they load. Each
+is one line on stderr, exit status 2, no traceback.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from typing import Optional, TextIO
 
 import jax
 
-from dsvl_jax.convert.load import load_pretrained, read_config
+from dsvl_jax.convert.folders import describe
+from dsvl_jax.convert.load import load_pretrained
 from dsvl_jax.errors import CheckpointError, ConfigError, InputError
 from dsvl_jax.generation.engine import Timings
 from dsvl_jax.generation.inputs import pack_batch
@@ -34,6 +39,7 @@ from dsvl_jax.processing.processor import Processor
 from dsvl_jax.processing.tokenizer import Tokenizer
 
 EXIT_BAD_INPUT = 2
+DEFAULT_MAX_NEW_TOKENS = 512
 HELP = """commands:
   /image PATH   attach an image to your next message (repeat for several)
   /reset        forget the conversation (and attached images)
@@ -50,13 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dsvl-chat", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("question", nargs="?", help="the question; leave it out for an interactive session")
-    ap.add_argument("--ckpt", required=True, help="checkpoint folder (config.json, safetensors, tokenizer)")
+    ap.add_argument("--ckpt", required=True, help="checkpoint folder: HF-port or official layout (config.json, "
+                    "safetensors, tokenizer) or an Orbax training workdir / checkpoints dir / step dir")
     ap.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeatable)")
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help=f"answer length limit (default "
+                    f"{DEFAULT_MAX_NEW_TOKENS}, or what the model context leaves after the prompt; a value you "
+                    "give that does not fit is reduced with a note)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples; "
+                    "negative values are refused")
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the smallest set of "
-                    "most probable tokens reaching this probability")
-    ap.add_argument("--top-k", type=int, default=None, help="sample among the k most probable tokens")
+                    "most probable tokens reaching this probability; needs --temperature > 0 (refused otherwise)")
+    ap.add_argument("--top-k", type=int, default=None, help="sample among the k most probable tokens; needs "
+                    "--temperature > 0 (refused otherwise)")
     ap.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="compute/param dtype (default: the checkpoint's)")
@@ -64,21 +75,41 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_flags(args) -> None:
+    """Flags that cannot work, or would be silently ignored, are refused (ChatError)."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ChatError(f"--max-new-tokens={args.max_new_tokens}: must be at least 1")
+    if not args.temperature >= 0:
+        raise ChatError(f"--temperature={args.temperature}: must be ≥ 0 (0 = greedy decoding, > 0 samples)")
+    if args.temperature == 0:
+        given = [f for f, v in (("--top-p", args.top_p), ("--top-k", args.top_k)) if v is not None]
+        if given:
+            flags = " and ".join(given)
+            raise ChatError(f"{flags} given but decoding is greedy (--temperature 0): add --temperature > 0 "
+                            f"(e.g. 0.7) to sample, or leave {flags} out")
+    try:
+        check_sampling(args.temperature > 0, args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise ChatError(str(e)) from None
+
+
 class ChatSession:
     """Checkpoint + tokenizer + conversation history; the weights load on the first answer."""
 
     def __init__(self, args, out: TextIO, err: TextIO):
         self.args, self.out, self.err = args, out, err
-        if args.max_new_tokens < 1:
-            raise ChatError(f"--max-new-tokens={args.max_new_tokens}: must be at least 1")
+        check_flags(args)
+        folder = None
         try:
-            check_sampling(self.do_sample, args.temperature, args.top_k, args.top_p)
-        except ValueError as e:
-            raise ChatError(str(e)) from None
-        try:
-            _, self.config, _ = read_config(args.ckpt)
-            self.tokenizer = Tokenizer.from_file(args.ckpt)
+            folder = describe(args.ckpt)
+            self.config = folder.config
+            self.tokenizer = Tokenizer.from_file(folder.files_dir)
             self.processor = Processor(self.tokenizer, self.config)
+        except FileNotFoundError as e:
+            if folder is not None and folder.kind == "orbax":  # the trainer copies it there; a bare run may lack it
+                raise ChatError(f"{e}; copy the training tokenizer (tokenizer.json and tokenizer_config.json) "
+                                f"into {folder.files_dir}") from None
+            raise ChatError(f"{args.ckpt}: {e}" if args.ckpt not in str(e) else str(e)) from None
         except (OSError, ConfigError, CheckpointError, ValueError) as e:
             raise ChatError(f"{args.ckpt}: {e}" if args.ckpt not in str(e) else str(e)) from None
         self.vlm = None
@@ -116,11 +147,12 @@ class ChatSession:
             raise ChatError(str(e).replace("sample 0: ", "")) from None
         context = self.config.text.max_position_embeddings
         prompt_len = int(batch["attention_mask"].sum())
-        max_new = min(self.args.max_new_tokens, context - prompt_len)
+        asked = self.args.max_new_tokens
+        max_new = min(DEFAULT_MAX_NEW_TOKENS if asked is None else asked, context - prompt_len)
         if max_new < 1:
             raise ChatError(f"the prompt has {prompt_len} tokens and fills the model context of {context} "
                             "positions; nothing left to answer with (try /reset or a shorter question)")
-        if max_new < self.args.max_new_tokens:
+        if asked is not None and max_new < asked:  # the default shrinks silently: nobody asked for 512
             print(f"note: --max-new-tokens reduced to {max_new} to fit the context of {context} positions",
                   file=self.err)
         try:
@@ -133,7 +165,10 @@ class ChatSession:
     # ---- answering ----
     def load(self) -> None:
         if self.vlm is None:
-            self.vlm = load_pretrained(self.args.ckpt, dtype=self.args.dtype)
+            try:
+                self.vlm = load_pretrained(self.args.ckpt, dtype=self.args.dtype)
+            except (OSError, ConfigError, CheckpointError) as e:  # truncated file, missing shard or data file
+                raise ChatError(f"{self.args.ckpt}: {e}" if self.args.ckpt not in str(e) else str(e)) from None
 
     def answer(self, conversation: list, batch: dict, max_new: int) -> dict:
         """Generate (streaming the text unless --json), record the turn, return the JSON record."""

@@ -84,14 +84,23 @@ def check_views(cfg: VLMConfig, pv: np.ndarray, hv: Optional[np.ndarray]) -> Non
             raise InputError(f"{pv.shape[0]} low-res but {hv.shape[0]} high-res images")
 
 
+def check_ids(ids: np.ndarray, vocab_size: int, mask: Optional[np.ndarray] = None, name: str = "input_ids") -> None:
+    """Raise `InputError` unless `ids` are integers in [0, vocab_size) (where `mask` is true, when given):
+    the embedding lookup would otherwise truncate floats and clamp or wrap other ids without a word."""
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    real = ids if mask is None else ids[mask]
+    if real.size and (real.min() < 0 or real.max() >= vocab_size):
+        bad = int(real.min()) if real.min() < 0 else int(real.max())
+        raise InputError(f"{name} hold id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
 def pack_batch(cfg: VLMConfig, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None,
                *, max_new_tokens: int, length_quantum: int = LENGTH_QUANTUM) -> PackedBatch:
     """Check a prompt batch (HF-port contract) and lay it out at bucketed shapes. Raises `InputError`."""
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         raise InputError(f"input_ids must be a non-empty [batch, length] array, got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"input_ids must be integers, got dtype {ids.dtype}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens={max_new_tokens!r}: expected a positive integer")
     mask = np.ones_like(ids, np.int32) if attention_mask is None else np.asarray(attention_mask)
@@ -103,10 +112,7 @@ def pack_batch(cfg: VLMConfig, input_ids, attention_mask=None, pixel_values=None
     lengths = mask.sum(1)
     if (lengths == 0).any():
         raise InputError(f"rows {np.flatnonzero(lengths == 0).tolist()} of attention_mask have no real token")
-    real = ids[mask]
-    if real.min() < 0 or real.max() >= cfg.text.vocab_size:
-        bad = int(real.min()) if real.min() < 0 else int(real.max())
-        raise InputError(f"input_ids hold id {bad}, outside the vocabulary [0, {cfg.text.vocab_size})")
+    check_ids(ids, cfg.text.vocab_size, mask)
     context = cfg.text.max_position_embeddings
     if lengths.max() + max_new_tokens > context:
         raise InputError(f"prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} exceeds the "

@@ -101,6 +101,31 @@ def format_prompt(conversation: Sequence[Mapping], *, system_prompt: str = SYSTE
     return "".join(text for text, _ in render_segments(conversation, system_prompt=system_prompt))
 
 
+# The same format as a Jinja chat template for transformers (`chat_template.jinja` of an HF export): HF
+# messages (roles system / user / assistant; content a string or a list of {"type": "text" | "image"}
+# parts, an image rendering as the placeholder in place). Turn contents and the whole prompt are stripped
+# as above (the system text only by the final strip); `add_generation_prompt` appends the empty assistant
+# turn. Renders what it is given: no system message, no system text.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(out='', text='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+    "{%- else -%}{%- set ns.text = '' -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set ns.text = ns.text + 'IMAGE_TAG' -%}"
+    "{%- elif part['type'] == 'text' -%}{%- set ns.text = ns.text + part['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- set text = ns.text | trim -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.out = ns.out + ns.text + 'USER_SEP' -%}"
+    "{%- elif message['role'] == 'user' -%}{%- set ns.out = ns.out + 'User: ' + text + 'USER_SEP' -%}"
+    "{%- elif message['role'] == 'assistant' and text -%}{%- set ns.out = ns.out + 'Assistant: ' + text + 'EOS' -%}"
+    "{%- elif message['role'] == 'assistant' -%}{%- set ns.out = ns.out + 'Assistant:' -%}"
+    "{%- else -%}{{- raise_exception('roles are system, user and assistant; got ' + message['role']) -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{%- set ns.out = ns.out + 'Assistant:' -%}{%- endif -%}"
+    "{{- ns.out | trim -}}"
+).replace("IMAGE_TAG", IMAGE_TAG).replace("USER_SEP", "\\n\\n").replace("EOS", ASSISTANT_SEP)
+
+
 def conversation_images(conversation: Sequence[Mapping]) -> list:
     """All `images` entries of a conversation in message order (the official `load_pil_images` order)."""
     images: list = []

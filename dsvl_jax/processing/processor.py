@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from dsvl_jax.config import VLMConfig
+from dsvl_jax.convert import folders  # jax-free: config files and folder names only
 from dsvl_jax.processing import image as image_ops
 from dsvl_jax.processing.chat import SYSTEM_PROMPT, conversation_images, format_prompt
 from dsvl_jax.processing.tokenizer import Tokenizer
@@ -69,22 +70,24 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, directory, config: VLMConfig | None = None, **kwargs) -> "Processor":
-        """Tokenizer from `directory` (tokenizer.json or tokenizer.model); the model config is `config`,
-        or else `directory/config.json` when it holds a `VLMConfig.to_dict()`."""
+        """The processor of a checkpoint folder: an HF-port or official-layout folder, an Orbax training
+        checkpoint (workdir, checkpoints dir or step dir; the trainer copies the tokenizer into the
+        workdir), a `dsvl-convert` output, or a folder whose config.json holds `VLMConfig.to_dict()`.
+
+        The tokenizer comes from the folder (tokenizer.json or tokenizer.model); the model config is
+        `config`, or else the folder's (only config files are read, never the weights). A tokenizer
+        folder without a model config needs `config=`."""
         directory = os.fspath(directory)
-        tokenizer = Tokenizer.from_file(directory)
         if config is None:
-            path = os.path.join(directory, "config.json")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{directory}: no config.json; pass config=VLMConfig(...)")
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-            try:
-                config = VLMConfig.from_dict(raw)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{path} is not a dsvl_jax VLMConfig ({e}); pass config= (for an HF or "
-                                 "official checkpoint, the config that dsvl_jax.convert builds)") from None
-        return cls(tokenizer, config, **kwargs)
+            has_config = os.path.isfile(os.path.join(directory, "config.json")) or folders.is_orbax(directory)
+            if os.path.isdir(directory) and not has_config:
+                raise FileNotFoundError(f"{directory}: no model config (config.json, or an Orbax checkpoint's "
+                                        "model_config.json); pass config=VLMConfig(...)")
+            found = folders.describe(directory)
+            config, files = found.config, found.files_dir
+        else:
+            files = folders.describe_files(directory)
+        return cls(Tokenizer.from_file(files), config, **kwargs)
 
     # ---- single steps, usable on their own ----
     def format(self, conversation: Sequence[Mapping]) -> str:
