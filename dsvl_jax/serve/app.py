@@ -31,7 +31,8 @@ DEFAULT_MAX_BODY = 32 * 1024 * 1024
 @dataclasses.dataclass
 class ServeConfig:
     model_name: str
-    max_new_tokens: int = 512  # the default and the cap of max_tokens
+    max_new_tokens: int = 1024  # the default and the cap of max_tokens
+    images_first: bool = False  # move a user turn's images in front of its text (DeepSeek-VL's own layout)
     max_images: Optional[int] = None  # None: as many as the context holds
     max_body_bytes: int = DEFAULT_MAX_BODY
     local_image_root: Optional[str] = None  # None: local image paths are refused
@@ -73,10 +74,9 @@ def create_app(processor, batcher: Batcher, config: ServeConfig) -> Starlette:
                                                          "created": created, "owned_by": "dsvl_jax"}]})
 
     def prepare(chat: P.ChatRequest) -> tuple:
-        budget = chat.max_tokens if chat.max_tokens is not None else config.max_new_tokens
-        if budget > config.max_new_tokens:
-            raise P.RequestError(f"max_tokens={budget} is more than this server allows ({config.max_new_tokens})",
-                                 param="max_tokens", code="max_tokens_too_large")
+        # Above the server's cap, max_tokens is cut to it (eval harnesses ask for 1024-2048 by default);
+        # a budget the context cannot hold is an error, as OpenAI reports it.
+        budget = min(chat.max_tokens or config.max_new_tokens, config.max_new_tokens)
         try:
             if chat.max_tokens is None:  # no budget asked: whatever the context leaves, up to the default
                 probe = R.prepare(processor, chat.conversation, max_new_tokens=1, max_images=max_images,
@@ -105,7 +105,8 @@ def create_app(processor, batcher: Batcher, config: ServeConfig) -> Starlette:
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise P.RequestError(f"the request body is not valid JSON ({e})", code="invalid_json") from None
-            chat = P.parse_chat(body, model=config.model_name, local_root=config.local_image_root)
+            chat = P.parse_chat(body, model=config.model_name, local_root=config.local_image_root,
+                                images_first=config.images_first)
             prepared, budget = await run_in_threadpool(prepare, chat)
         except P.RequestError as e:
             return _error(e)

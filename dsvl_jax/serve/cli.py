@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batch sizes compiled, e.g. 1,8 (default: powers of two up to --max-batch)")
     ap.add_argument("--batch-wait-ms", type=float, default=10.0,
                     help="how long a request waits for others to share its batch (default 10)")
-    ap.add_argument("--max-new-tokens", type=int, default=512, help="default and largest max_tokens (512)")
+    ap.add_argument("--max-new-tokens", type=int, default=1024,
+                    help="default max_tokens, and the most a request gets (larger ones are cut to it; 1024)")
+    ap.add_argument("--images-first", action="store_true",
+                    help="put each user message's images in front of its text, as DeepSeek-VL was trained "
+                         "(for clients that send the text first)")
     ap.add_argument("--max-images", type=int, default=None, help="images per request (default: what fits)")
     ap.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY / 2 ** 20,
                     help=f"largest request body in MiB (default {DEFAULT_MAX_BODY // 2 ** 20})")
@@ -98,8 +102,9 @@ def build(args):
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
     batcher = Batcher(vlm, processor.tokenizer, max_batch=args.max_batch, buckets=buckets,
                       wait_s=args.batch_wait_ms / 1000, max_queue=args.max_queue)
-    config = ServeConfig(name, max_new_tokens=args.max_new_tokens, max_images=args.max_images,
-                         max_body_bytes=int(args.max_body_mb * 2 ** 20), local_image_root=args.allow_local_images)
+    config = ServeConfig(name, max_new_tokens=args.max_new_tokens, images_first=args.images_first,
+                         max_images=args.max_images, max_body_bytes=int(args.max_body_mb * 2 ** 20),
+                         local_image_root=args.allow_local_images)
     return create_app(processor, batcher, config), batcher
 
 

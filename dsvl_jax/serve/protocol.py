@@ -3,8 +3,9 @@ the response, stream chunk and error bodies the OpenAI client reads.
 
 Accepted: `model` (must name the served model), `messages` (system / developer / user / assistant; content
 a string or a list of {"type": "text"} and {"type": "image_url", "image_url": {"url": ...}} parts, images
-in user turns only), `max_tokens` (or `max_completion_tokens`), `temperature` (0, the default here, is
-greedy), `top_p`, `seed`, `stop` (a string or up to 4), `stream`, `stream_options.include_usage`, `n` = 1.
+in user turns only, each one an `<image_placeholder>` where it stands), `max_tokens` (or
+`max_completion_tokens`), `temperature` (0, the default here, is greedy: OpenAI's default is 1),
+`top_p`, `seed`, `stop` (a string or up to 4), `stream`, `stream_options.include_usage`, `n` = 1.
 Other OpenAI fields are accepted and ignored, as servers of open models do.
 
 Images: `data:image/<type>;base64,...` URIs; local files (a path or file:// URL) only when the server
@@ -89,8 +90,9 @@ def image_source(url: Any, param: str, local_root: Optional[str]):
 
 
 # ---- messages -------------------------------------------------------------------------------------
-def _content(content: Any, role: str, where: str, local_root: Optional[str]) -> tuple[str, list]:
-    """(text with one placeholder per image, image sources) of one message's content."""
+def _content(content: Any, role: str, where: str, local_root: Optional[str], images_first: bool = False
+             ) -> tuple[str, list]:
+    """(text with one placeholder per image where the image was, or all in front, image sources)."""
     if content is None:
         return "", []
     if isinstance(content, str):
@@ -111,14 +113,16 @@ def _content(content: Any, role: str, where: str, local_root: Optional[str]) -> 
             spec = part.get("image_url")
             url = spec.get("url") if isinstance(spec, dict) else spec
             images.append(image_source(url, f"{param}.image_url.url", local_root))
-            text.append(IMAGE_TAG)
+            if not images_first:
+                text.append(IMAGE_TAG)
         else:
             raise RequestError(f"unsupported content part type {kind!r} (expected 'text' or 'image_url')",
                                param=param)
-    return "".join(text), images
+    return (IMAGE_TAG * len(images) if images_first else "") + "".join(text), images
 
 
-def conversation_of(messages: Any, local_root: Optional[str]) -> tuple[list, Optional[str]]:
+def conversation_of(messages: Any, local_root: Optional[str], images_first: bool = False
+                    ) -> tuple[list, Optional[str]]:
     """OpenAI messages → (official conversation ending with an empty assistant turn, system prompt).
     Consecutive messages of one role are joined with a newline."""
     if not isinstance(messages, list) or not messages:
@@ -135,7 +139,7 @@ def conversation_of(messages: Any, local_root: Optional[str]) -> tuple[list, Opt
             continue
         if role not in ("user", "assistant"):
             raise RequestError(f"role {role!r}: expected system, user or assistant", param=f"{where}.role")
-        text, images = _content(m.get("content"), role, where, local_root)
+        text, images = _content(m.get("content"), role, where, local_root, images_first)
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] += "\n" + text
             turns[-1]["images"] += images
@@ -171,8 +175,10 @@ def _integer(body: dict, key: str, lo: int, default):
     return value
 
 
-def parse_chat(body: Any, *, model: str, local_root: Optional[str] = None) -> ChatRequest:
-    """A decoded JSON body → `ChatRequest`; raises `RequestError`."""
+def parse_chat(body: Any, *, model: str, local_root: Optional[str] = None, images_first: bool = False
+               ) -> ChatRequest:
+    """A decoded JSON body → `ChatRequest`; raises `RequestError`. `images_first`: each user message's
+    images go in front of its text (harnesses such as lmms-eval send the text first)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     if body.get("model") != model:
@@ -181,7 +187,7 @@ def parse_chat(body: Any, *, model: str, local_root: Optional[str] = None) -> Ch
             raise RequestError("'model' is required", param="model")
         raise RequestError(f"the model {name!r} does not exist; this server serves {model!r}", param="model",
                            code="model_not_found", status=404)
-    conversation, system = conversation_of(body.get("messages"), local_root)
+    conversation, system = conversation_of(body.get("messages"), local_root, images_first)
     if _integer(body, "n", 1, 1) != 1:
         raise RequestError("n > 1 is not supported", param="n")
     max_tokens = _integer(body, "max_completion_tokens", 1, None)
