@@ -7,12 +7,13 @@ Without --ckpt a random-weight checkpoint (tests/helpers/tiny_checkpoint.py) is 
 folder: `tiny` is the tests' model (the 1.3B layout at ~1M parameters, 32 px images, 16 tokens per
 image), where HTTP, JSON and image decoding cost more than the model, so batching has little to win;
 `small` is the 1.3B layout at 1/4 width and 4 layers with the real vocabulary and 384 px / 576-token
-images (~0.12B parameters), where the model's time dominates, as it does for the real ones. For each setting the server runs as its own
-process (`python -m dsvl_jax.serve.cli`), is warmed up until its batch sizes are compiled (bounded
-bursts, untimed), then `--clients` threads each send `--requests` chat completions one after another
-(an image and a question, greedy, `--max-tokens`), all at once. Printed per setting: requests/s, p50 and
-p95 latency, and generated tokens/s (the `usage.completion_tokens` of every answer over the wall time);
-answers that stop at EOS early count the tokens they had.
+images (~0.12B parameters), where the model's time dominates, as it does for the real ones.
+
+For each setting the server runs as its own process (`python -m dsvl_jax.serve.cli`), is warmed up until
+its batch sizes are compiled (bounded bursts, untimed), then `--clients` threads each send `--requests`
+chat completions one after another (an image and a question, greedy, `--max-tokens`), all at once.
+Printed per setting: requests/s, p50 and p95 latency, and generated tokens/s (the `usage.completion_tokens`
+of every answer over the wall time; answers that stop at EOS early count the tokens they had).
 """
 from __future__ import annotations
 

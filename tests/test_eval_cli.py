@@ -4,7 +4,6 @@ are counted skips with their reason, and argument / file errors are one line wit
 import base64
 import io
 import json
-import os
 
 import numpy as np
 import pytest

@@ -12,7 +12,6 @@ import time
 import flax.linen as nn
 import httpx
 import jax
-import numpy as np
 import openai
 import pytest
 import uvicorn
