@@ -226,6 +226,28 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(served):
     assert ask(served, user("Still there?"), max_tokens=4).choices[0].message.content
 
 
+class _BrokenModel:
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("device lost")
+
+
+def test_a_failed_batch_fails_its_requests_not_the_server(served):
+    from starlette.testclient import TestClient
+
+    from dsvl_jax.serve.app import ServeConfig, create_app
+    from dsvl_jax.serve.batcher import Batcher
+    processor = served["processor"]
+    batcher = Batcher(_BrokenModel(), processor.tokenizer, max_batch=2).start()
+    try:
+        with TestClient(create_app(processor, batcher, ServeConfig(MODEL))) as client:
+            for _ in range(2):  # the worker survives the first failure and answers the second request
+                r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": user("Hi"), "max_tokens": 4})
+                assert r.status_code == 500 and "device lost" in r.json()["error"]["message"]
+                assert r.json()["error"]["type"] == "server_error"
+    finally:
+        batcher.stop()
+
+
 def test_text_assembler_holds_back_stop_prefixes(served):
     tok = served["processor"].tokenizer
     ids = tok.encode(" the red cat sat", add_bos=False)

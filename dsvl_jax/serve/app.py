@@ -136,9 +136,14 @@ def create_app(processor, batcher: Batcher, config: ServeConfig) -> Starlette:
         return JSONResponse(P.error_body(f"{request.method} {request.url.path}: {exc.detail}",
                                          code=str(exc.status_code)), status_code=exc.status_code)
 
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not a bad request: the client still gets the error in the shape it parses.
+        return JSONResponse(P.error_body(f"internal error: {type(exc).__name__}: {exc}", kind="server_error"),
+                            status_code=500)
+
     routes = [Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error})
 
 
 def _sse(body: dict) -> str:
