@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
     "tensorboardX",
     "psutil",
     "matplotlib==3.11.2",  # the demo's report.png
+    "starlette==1.10.0",  # dsvl-serve: the HTTP app
+    "uvicorn==0.55.0",  # dsvl-serve: the HTTP server
 ]
 
 TEST_REQUIRES = [
@@ -30,6 +32,8 @@ TEST_REQUIRES = [
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",  # make test: two workers on a 2-core machine (one compiles while the other runs)
     "hypothesis",
+    "openai==3.63.0",  # drives dsvl-serve in tests/test_serve.py
+    "httpx==0.29.0",  # raw (malformed) requests to dsvl-serve
 ]
 
 setup(
@@ -46,6 +50,8 @@ setup(
             "dsvl-chat=dsvl_jax.generation.chat_cli:main",
             "dsvl-data=dsvl_jax.data.build_cli:main",
             "dsvl-train=dsvl_jax.train.cli:run",
+            "dsvl-eval=dsvl_jax.eval.cli:main",
+            "dsvl-serve=dsvl_jax.serve.cli:main",
         ]
     },
 )
