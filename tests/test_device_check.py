@@ -52,7 +52,7 @@ def test_dry_run_prints_every_row_finite_without_the_data_packages(tmp_path):
     assert 0 < table["train.mfu"] < 1 and table["train.step_s"] > 0
     assert 0 <= table["vs_torch.greedy_agreement"] <= 1
     saved = json.loads(out.read_text())
-    assert set(saved["rows"]) == set(D.ROWS) and not saved["errors"]
+    assert set(D.ROWS) <= set(saved["rows"]) and not saved["errors"]
 
 
 def _linear(fixed, per_row, calls):
