@@ -1,6 +1,6 @@
 """benchmarks/device_check.py, the accelerator check: its --dry-run prints every row of the table with a finite
 number, in interpreters where grain, array_record, ml_collections and tensorflow_datasets cannot be imported
-(the GPU image lacks them); and its batch fit finds the most rows that fit."""
+(the GPU image lacks them); and its batch fit (device_cases.fit_rows) finds the most rows that fit."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import device_check as D  # noqa: E402  (the standard library only, at import)
+from device_cases import fit_rows, timed_loop  # noqa: E402  (the standard library only, at import)
+import device_check as D  # noqa: E402
 
 BLOCKED = ("grain", "array_record", "ml_collections", "tensorflow_datasets")
 
@@ -66,17 +67,17 @@ def test_fit_rows_finds_the_most_rows_under_the_target():
     # fixed 10, 3 a row, target 0.85 x 100 = 85 → 25 rows, whether the fixed-part guess is low or high
     for guess in (0.0, 14.0, 10.0):
         calls = []
-        assert D.fit_rows(_linear(10, 3, calls), 100, first=2, max_rows=64, fill=0.85, fixed_guess=guess) == 25
+        assert fit_rows(_linear(10, 3, calls), 100, first=2, max_rows=64, fill=0.85, fixed_guess=guess) == 25
         assert len(calls) <= 3 and calls[0] == 2
     calls = []  # first already too many: halves
-    assert D.fit_rows(_linear(10, 50, calls), 100, first=2, max_rows=64, fill=0.85) == 1
-    assert D.fit_rows(_linear(200, 1, []), 100, first=2, max_rows=64, fill=0.85) == 1  # nothing fits: the least
-    assert D.fit_rows(_linear(10, 3, []), 100, first=2, max_rows=8, fill=0.85) == 8  # capped
+    assert fit_rows(_linear(10, 50, calls), 100, first=2, max_rows=64, fill=0.85) == 1
+    assert fit_rows(_linear(200, 1, []), 100, first=2, max_rows=64, fill=0.85) == 1  # nothing fits: the least
+    assert fit_rows(_linear(10, 3, []), 100, first=2, max_rows=8, fill=0.85) == 8  # capped
     calls = []  # out of time after the first compile: keep it
-    assert D.fit_rows(_linear(10, 3, calls), 100, first=2, max_rows=64, fill=0.85, time_left=lambda: False) == 2
+    assert fit_rows(_linear(10, 3, calls), 100, first=2, max_rows=64, fill=0.85, time_left=lambda: False) == 2
     assert calls == [2]
 
 
 def test_timed_loop_bounds_count_and_time():
-    assert len(D.timed_loop(lambda: None, 5, 1e9)) == 5
-    assert len(D.timed_loop(lambda: None, 5, 0.0)) == 1  # at least once, no new call after the time
+    assert len(timed_loop(lambda: None, 5, 1e9)) == 5
+    assert len(timed_loop(lambda: None, 5, 0.0)) == 1  # at least once, no new call after the time
