@@ -200,7 +200,8 @@ def case_train(p: dict, budget: float) -> dict:
         peak, peak_src = matmul_peak("bfloat16", 4096 if limit else 256), "the matmul rate measured here"
     stats, plan = device_memory(), plan_total(exe)
     if "peak_bytes_in_use" in stats:
-        mem, mem_src = stats["peak_bytes_in_use"], f"process peak (memory_stats) of {limit / GIB:.1f} GiB usable"
+        mem = stats["peak_bytes_in_use"]
+        mem_src = f"process peak (memory_stats) of {(limit or 0) / GIB:.1f} GiB usable"
     else:
         mem, mem_src = plan, "XLA's plan of the compiled step (no memory_stats here)"
     shape = (f"{cfg.text.num_hidden_layers}-layer {cfg.text.hidden_size}-wide LM, stage {p['stage']}, "
