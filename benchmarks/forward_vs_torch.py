@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import sys
 import time
 
@@ -31,32 +30,7 @@ from dsvl_jax.convert.state_dict import params_from_torch  # noqa: E402
 from dsvl_jax.models.vlm import DeepseekVL  # noqa: E402
 from dsvl_jax.train.flops import traced_matmul_flops  # noqa: E402
 from tests.helpers import torch_ref as R  # noqa: E402
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _torch_model(cfg, seed=0):
-    """HF model with random weights, built quickly (skipping HF's init, which is not the point here)."""
-    from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
-    klass = DeepseekVLHybridForConditionalGeneration if cfg.is_hybrid else DeepseekVLForConditionalGeneration
-    from transformers.initialization import no_init_weights
-    torch.manual_seed(seed)
-    with no_init_weights():  # real buffers (position ids, RoPE frequencies), parameters left to fill below
-        model = klass(R.hf_config(cfg)).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0.0, 0.02, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.add_(1.0)
-    return model
+from torch_peer import median_time as _median_time, torch_model as _torch_model  # noqa: E402
 
 
 def case_full_model(name, cfg, text_tokens, repeats):

@@ -40,8 +40,8 @@ def train_step(attention):
     return jax.value_and_grad(loss, argnums=tuple(range(5)))
 
 
-def relpos(impl):
-    return train_step(functools.partial(relpos_attention, grid=GRID, impl=impl))
+def relpos(impl, grid=GRID):
+    return train_step(functools.partial(relpos_attention, grid=grid, impl=impl))
 
 
 def no_bias(kind):
@@ -93,13 +93,13 @@ def tpu_section(topologies, heads):
         print(f"{name:<11} kernel / materialised-bias XLA = {kernel / xla:.4f} (target <= 0.125)")
 
 
-def concrete_inputs(heads, dtype, device):
-    H, W = GRID
+def concrete_inputs(heads, dtype, device, grid=GRID, head_dim=HEAD_DIM):
+    H, W = grid
     keys = jax.random.split(jax.random.key(0), 5)
-    shape = (1, heads, H * W, HEAD_DIM)
+    shape = (1, heads, H * W, head_dim)
     args = [jax.random.normal(keys[i], shape).astype(dtype) for i in range(3)]
-    args += [0.3 * jax.random.normal(keys[3], (2 * H - 1, HEAD_DIM)),
-             0.3 * jax.random.normal(keys[4], (2 * W - 1, HEAD_DIM))]
+    args += [0.3 * jax.random.normal(keys[3], (2 * H - 1, head_dim)),
+             0.3 * jax.random.normal(keys[4], (2 * W - 1, head_dim))]
     return [jax.device_put(a, device) for a in args]
 
 
