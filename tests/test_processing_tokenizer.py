@@ -153,3 +153,15 @@ def test_missing_image_tag_is_appended_like_the_official_processor(bpe_dir, tmp_
     with pytest.warns(UserWarning, match="was not in the vocabulary; added it as id 1023"):
         tok = Tokenizer.from_file(tmp_path)
     assert tok.image_token_id == 1023 and tok.encode("a<image_placeholder>b", add_bos=False).count(1023) == 1
+
+
+def test_the_trainer_copies_a_tokenizer_under_the_name_the_workdir_is_read_by(spm, bpe_dir, tmp_path):
+    # dsvl-chat / Processor / dsvl-convert read a training workdir with Tokenizer.from_file(workdir).
+    from dsvl_jax.train.trainer import _copy_tokenizer
+    for name, src in (("spm", str(spm.source)), ("bpe", str(bpe_dir / "tokenizer.json"))):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        _copy_tokenizer(src, str(workdir))
+        want = Tokenizer.from_file(src)
+        got = Tokenizer.from_file(str(workdir))
+        assert got.kind == want.kind and got.encode(TRICKY[-1]) == want.encode(TRICKY[-1])

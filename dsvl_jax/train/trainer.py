@@ -115,13 +115,16 @@ def _copy_tokenizer(path: str, workdir: str):
     """The tokenizer travels with the checkpoints (conversion and chat read it from the workdir)."""
     if jax.process_index() != 0 or path.startswith("gs://"):
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    names = [os.path.basename(path)] + [n for n in ("tokenizer_config.json", "special_tokens_map.json")
-                                        if os.path.exists(os.path.join(folder, n))]
-    for n in names:
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    # Under the name `Tokenizer.from_file(folder)` looks for: a sentencepiece `foo.model` becomes tokenizer.model.
+    main = "tokenizer.model" if path.endswith(".model") else "tokenizer.json"
+    copies = [(path, main)] + [(os.path.join(folder, n), n) for n in ("tokenizer_config.json", "special_tokens_map.json")
+                               if os.path.exists(os.path.join(folder, n))]
+    for src, n in copies:
         dst = os.path.join(workdir, n)
         if not os.path.exists(dst):  # copy, then rename: a run killed mid-copy never leaves half a file here
-            shutil.copy2(os.path.join(folder, n), dst + ".tmp")
+            shutil.copy2(src, dst + ".tmp")
             os.replace(dst + ".tmp", dst)
 
 
