@@ -1,7 +1,10 @@
 r"""A ~1M-parameter hybrid DeepSeek-VL for tests and the CPU demo; all code paths of the 7B.
 
-    dsvl-train --config configs/tiny.py:stage1 --workdir /tmp/tiny/s1 \
-        --config.data.tokenizer=DIR/tokenizer.json --config.data.sources_json='[{"name": "mm", "paths": "DIR/mm-*.array_record"}]'
+    python -m dsvl_jax.data.synthetic runs/data     # a synthetic corpus and a tokenizer whose ids fit this model
+    dsvl-train --config configs/tiny.py:stage2 --workdir runs/tiny --config.total_steps=20 \
+        --config.data.tokenizer=runs/data/tokenizer.json --config.data.sources_json="$(cat runs/data/sources.json)"
+
+(The README's first run; `tests/test_readme_commands.py` runs it as written.)
 
 Hardware and cost: a 2-core CPU, ~0.1 s a step at batch 8 × 160 tokens.
 Variants: stage1 | stage2 | stage3 (the paper's trainable sets and schedules, scaled down).

@@ -1,11 +1,16 @@
 """Small synthetic corpora of all record kinds, for tests, benchmarks and the demo (nothing downloaded).
 
+    python -m dsvl_jax.data.synthetic DIR   # shards, a tokenizer that fits configs/tiny.py, sources.json, images/
+
 Images are encoded PNGs (or any given encoded bytes); texts are word salad from a fixed vocabulary,
 so that a tokenizer trained on `WORDS` covers them.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import io
+import json
 import os
 from typing import Sequence
 
@@ -93,3 +98,28 @@ def corpus_tokenizer(path: str, vocab_size: int = 512):
     rng = np.random.default_rng(0)
     texts = [sentence(rng, 20) for _ in range(200)] + [chat.SYSTEM_PROMPT, "User: Assistant:"] * 20
     return build_bpe_tokenizer(texts, vocab_size, path)
+
+
+def main(argv=None) -> None:
+    """Write a corpus for `configs/tiny.py` under DIR: every record kind as shards, `tokenizer.json` (its ids
+    fit `config.tiny()`), `sources.json` (the value of `--config.data.sources_json`) and a few PNGs to chat
+    about in `images/`."""
+    p = argparse.ArgumentParser(prog="python -m dsvl_jax.data.synthetic", description=main.__doc__)
+    p.add_argument("directory")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    rng = np.random.default_rng(a.seed)
+    pngs = [random_image(rng, 24, 40) for _ in range(4)]
+    sources = write_corpus(a.directory, images=pngs, seed=a.seed)
+    corpus_tokenizer(a.directory)
+    os.makedirs(os.path.join(a.directory, "images"), exist_ok=True)
+    for i, png in enumerate(pngs):
+        with open(os.path.join(a.directory, "images", f"{i}.png"), "wb") as f:
+            f.write(png)
+    with open(os.path.join(a.directory, "sources.json"), "w") as f:
+        json.dump([{k: v for k, v in dataclasses.asdict(s).items() if v not in (None, {})} for s in sources], f)
+    print(f"wrote {len(sources)} sources, tokenizer.json, sources.json and images/ under {a.directory}")
+
+
+if __name__ == "__main__":
+    main()
