@@ -18,10 +18,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
-from tests.helpers.train_fixtures import long_prompt_records, write_long_prompt_source
+from tests.helpers.train_fixtures import subprocess_env, long_prompt_records, write_long_prompt_source
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACEBACK = "Traceback (most recent call last)"
@@ -38,13 +37,6 @@ def data(tmp_path_factory, text_corpus):
     return json.dumps(text + [dict(long, weight=0.3)]), json.dumps([long]), tokenizer, root
 
 
-def _env():
-    env = dict(os.environ)  # 8 forced CPU devices, as in this process (tests/conftest.py)
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _args(workdir, sources_json, tokenizer, *extra, config="configs/tiny.py:stage2"):
@@ -54,13 +46,13 @@ def _args(workdir, sources_json, tokenizer, *extra, config="configs/tiny.py:stag
 
 
 def _run(args) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    return subprocess.run(args, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
 
 
 def _start(args, log_dir, name) -> tuple[subprocess.Popen, str, str]:
     out, err = os.path.join(log_dir, f"{name}.out"), os.path.join(log_dir, f"{name}.err")
     with open(out, "w") as o, open(err, "w") as e:
-        return subprocess.Popen(args, cwd=REPO, env=_env(), stdout=o, stderr=e), out, err
+        return subprocess.Popen(args, cwd=REPO, env=subprocess_env(), stdout=o, stderr=e), out, err
 
 
 def _read(path) -> str:
@@ -104,7 +96,7 @@ def _checkpoints(workdir) -> list[int]:
 
 
 def test_help_shows_the_required_flags_an_example_and_the_common_keys():
-    r = subprocess.run([sys.executable, "-m", "dsvl_jax.train.cli", "--help"], cwd=REPO, env=_env(),
+    r = subprocess.run([sys.executable, "-m", "dsvl_jax.train.cli", "--help"], cwd=REPO, env=subprocess_env(),
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, r.stderr
     text = r.stdout

@@ -26,10 +26,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
-from tests.helpers.train_fixtures import checkpoint_state
+from tests.helpers.train_fixtures import subprocess_env, checkpoint_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (steps, planned kills by kind, least kills that must land in each phase); "full" is the 10-kill soak.
@@ -71,14 +70,6 @@ def setup(tmp_path_factory, corpus):
     return root, str(cfg_file), sources, tokenizer
 
 
-def _env():
-    env = dict(os.environ)  # 8 forced CPU devices, as in this process (tests/conftest.py)
-    # the same programs as the other trainer tests: compile once, then load from the persistent cache
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 def _launch(cfg_file: str, workdir: str, log_path: str, total: int) -> subprocess.Popen:
@@ -86,7 +77,7 @@ def _launch(cfg_file: str, workdir: str, log_path: str, total: int) -> subproces
     cmd = [sys.executable, "-m", "tests.helpers.record_log", f"--config={cfg_file}:stage2", f"--workdir={workdir}",
            f"--config.total_steps={total}", "--config.checkpoint.every=1", "--config.log_every=1"]
     with open(log_path, "ab") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _checkpoints(workdir: str, since: float = 0.0) -> tuple[list[int], list[int]]:

@@ -5,6 +5,22 @@ import os
 
 from dsvl_jax.data import synthetic
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def subprocess_env() -> dict:
+    """The environment of a trainer run in a child process: 8 forced CPU devices and full-precision matmuls, as
+    in this process (tests/conftest.py), the repository importable, and the same persistent compile cache, so
+    the child loads the programs the other trainer tests compiled instead of compiling them again."""
+    import jax
+
+    env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
 
 def make_corpus(root: str, seed: int = 0):
     """(sources as config dicts, tokenizer.json path) under root."""
