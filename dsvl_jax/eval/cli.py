@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -78,16 +77,6 @@ def _unique(skips) -> list:
     return out
 
 
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def run(args, out: TextIO, err: TextIO) -> dict:
     _check_args(args)
     try:
@@ -125,7 +114,7 @@ def run(args, out: TextIO, err: TextIO) -> dict:
     for extra in ("pope", "first_rotation_accuracy"):
         if extra in summary:
             result[extra] = summary[extra]
-    result = _json_safe(result)
+    result = scoring.json_safe(result)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1, ensure_ascii=False)
