@@ -1,8 +1,8 @@
 """`python -m dsvl_jax.demo --quick`: every step of the demo on a few records, end to end.
 
 Checks what a user relies on: the tables print, each stage leaves an Orbax checkpoint (the last one loads),
-the export is a transformers checkpoint that answers the held-out question exactly as we do, and the
-summary holds the per-family figures. The full demo's accuracy is measured by `make demo`, not here.
+the export is a transformers checkpoint that answers the held-out question exactly as we do, dsvl-eval
+scores the final checkpoint with the after-table's answers, and the summary holds the per-family figures. The full demo's accuracy is measured by `make demo`, not here.
 """
 import json
 import os
@@ -46,6 +46,12 @@ def test_quick_demo_runs_every_step(tmp_path, capsys):
     assert hf["max_logit_diff"] <= 1e-4, hf
     assert os.path.isfile(os.path.join(hf["folder"], "processor_config.json"))
     assert "transformers (AutoProcessor" in out
+
+    # dsvl-eval on the final checkpoint (demo split, prompt, answer length) gives the after-table's answers
+    ev = summary["dsvl_eval"]
+    assert ev["equal"] and ev["same_answers"] == ev["requests"] == 12 and ev["mean"] == run["after"]["mean"], ev
+    assert "dsvl-eval --ckpt merge1/stage3 --format suite --data heldout:12:0:families=document,chart,scene" in out
+    assert json.load(open(ev["out"]))["overall"] == ev["mean"]
 
 
 def test_steps_flag():

@@ -192,6 +192,33 @@ def test_suite_in_memory_and_as_mmbench_tsv(ckpt, tmp_path):
     assert result["questions"] == 2 and set(result["per_category"]) == {"document", "chart"}
 
 
+def test_suite_options_and_system_prompt_give_the_demo_scorers_answers(ckpt, tmp_path):
+    """`--data heldout:N:SEED:families=..:image_size=..` is the split `make demo` scores, and `--system-prompt`
+    its prompt: the predictions are those of the demo's own scorer (Processor + VLM.generate on the batch)."""
+    from dsvl_jax import tasks
+    from dsvl_jax.demo import evaluate as demo_eval
+    spec = "heldout:5:1:families=scene,chart:image_size=64"
+    s = formats.parse_suite_spec(spec)
+    assert (s.split, s.n, s.seed, s.families, s.image_size, s.difficulty) == (
+        "heldout", 5, 1, ("scene", "chart"), 64, "standard")
+    examples = tasks.make_split("heldout", 5, ("scene", "chart"), 64, 1)
+    items, _ = formats.read("suite", spec)
+    assert [i.id for i in items] == [e.id for e in examples]
+    assert all(np.array_equal(np.asarray(i.images[0]), np.asarray(e.image)) for i, e in zip(items, examples))
+    out_json = str(tmp_path / "r.json")
+    rc, out, err = run(["--ckpt", ckpt, "--data", spec, "--format", "suite", "--system-prompt", "Answer briefly.",
+                        "--max-new-tokens", "5", "--out", out_json] + BATCH)
+    assert rc == 0, err
+    result = json.load(open(out_json))
+    assert result["settings"]["system_prompt"] == "Answer briefly." and list(result["per_category"]) == ["scene",
+                                                                                                     "chart"]
+    vlm = load_pretrained(ckpt)
+    processor = Processor.from_pretrained(ckpt, config=vlm.config, system_prompt="Answer briefly.")
+    answers = demo_eval.answer(vlm, processor, examples, max_new_tokens=5, batch_size=8)
+    assert {p["id"]: p["prediction"] for p in result["predictions"]} == {e.id: a for e, a in zip(examples, answers)}
+    assert result["overall"] == demo_eval.score_predictions(examples, answers, 0.0).mean
+
+
 def test_argument_and_file_errors_are_one_line(ckpt, data, tmp_path):
     tsv = tmp_path / "cols.tsv"
     tsv.write_text("index\tquestion\n0\tq\n")
@@ -199,6 +226,9 @@ def test_argument_and_file_errors_are_one_line(ckpt, data, tmp_path):
         (["--ckpt", ckpt, "--data", str(tmp_path / "none.jsonl"), "--format", "vqa"], "none.jsonl"),
         (["--ckpt", ckpt, "--data", str(tsv), "--format", "mmbench"], "missing column"),
         (["--ckpt", ckpt, "--data", "heldout:x", "--format", "suite"], "heldout[:N[:SEED]]"),
+        (["--ckpt", ckpt, "--data", "heldout:3:0:families=chart,nope", "--format", "suite"], "'nope'"),
+        (["--ckpt", ckpt, "--data", "heldout:3:0:image_size=8", "--format", "suite"], "image_size=8"),
+        (["--ckpt", ckpt, "--data", "heldout:3:0:colour=red", "--format", "suite"], "'colour'"),
         (["--ckpt", ckpt, "--data", "heldout", "--format", "gqa"], "--format"),
         (["--ckpt", ckpt, "--data", "heldout", "--format", "suite", "--batch", "0"], "--batch 0"),
         (["--ckpt", str(tmp_path / "nockpt"), "--data", "heldout", "--format", "suite"], "nockpt"),

@@ -79,5 +79,7 @@ def settings_from_args(argv=None) -> Settings:
 def main(argv=None) -> int:
     s = settings_from_args(argv)
     summary = run(s)
-    hf = summary.get("transformers", {})
-    return 1 if hf and "skipped" not in hf and not hf.get("same_answer") else 0
+    hf, ev = summary.get("transformers", {}), summary.get("dsvl_eval", {})
+    hf_differs = hf and "skipped" not in hf and not hf.get("same_answer")
+    eval_differs = "skipped" not in ev and not ev.get("equal")
+    return 1 if hf_differs or eval_differs else 0

@@ -1,5 +1,6 @@
 """The demo, step by step: corpus → tokenizer → before-table → stages 1, 2, 3 → after-table → export →
-transformers answers one held-out question from the export. Returns (and writes) a JSON summary.
+transformers answers one held-out question from the export → dsvl-eval scores the final checkpoint (the
+same answers as the after-table). Returns (and writes) a JSON summary.
 
 Each step prints what it did and how long it took; the trainer draws a progress bar per stage and writes
 `metrics.jsonl` and TensorBoard events into the stage's folder under the workdir.
@@ -7,6 +8,7 @@ Each step prints what it did and how long it took; the trainer draws a progress 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import platform
@@ -21,6 +23,7 @@ from dsvl_jax import sharding, tasks
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.demo import data, evaluate, hf_check, recipe, report
 from dsvl_jax.demo.recipe import ModelSize
+from dsvl_jax.eval import cli as eval_cli
 from dsvl_jax.processing.processor import Processor
 from dsvl_jax.processing.tokenizer import Tokenizer
 from dsvl_jax.runtime import VLM
@@ -161,6 +164,7 @@ def run(s: Settings) -> dict:
         _say("\ntransformers check skipped: the HF port has no 2x2 token merge, so it needs a token_merge=1 run")
 
     shown = plain or next(iter(final.values()))
+    summary["dsvl_eval"] = _dsvl_eval_step(clock, workdir, s, shown, budget)
     columns = {"before": shown.before, "no-image guess": prior, "images shuffled": shown.shuffled,
                "after": shown.after}
     if "transformers_scores" in summary.get("transformers", {}):
@@ -198,6 +202,7 @@ class Variant:
     shuffled: object
     curve: list
     train_wall: float
+    workdir: str  # the last stage's: its latest checkpoint is the final model
 
 
 def variant_name(merge: int, tags: bool) -> str:
@@ -269,7 +274,7 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
         "stage_seconds": {str(k): v for k, v in stage_times.items()}, "train_wall_s": train_wall,
         "eval_s_per_request": after.seconds / max(1, len(heldout)), "checkpoint": os.path.join(prev, "checkpoints"),
         "curve": curve, "examples": [p for p in after.predictions[:12]]}
-    return record, Variant(key, merge, tags, vlm, processor, before, after, shuffled, curve, train_wall)
+    return record, Variant(key, merge, tags, vlm, processor, before, after, shuffled, curve, train_wall, prev)
 
 
 def _grid_examples(heldout, scores, n: int = 12) -> list[tuple]:
@@ -310,6 +315,33 @@ def _transformers_step(clock, workdir, corpus, variant: Variant, heldout, budget
     _say(evaluate.table({"dsvl_jax": variant.after, "transformers (export)": hf_scores}))
     return dataclasses.asdict(res) | {"same_answer": res.same_answer, "same_tokens": res.same_tokens,
                                       "folder": folder, "transformers_scores": hf_scores}
+
+
+def _dsvl_eval_step(clock, workdir, s: Settings, variant: Variant, budget: int) -> dict:
+    """The final checkpoint scored again by `dsvl-eval --format suite`, with the demo's split, system prompt,
+    answer length, batch and (no) mesh: the same prompts and greedy generation, so the same answers."""
+    if variant.tags:
+        _say("\ndsvl-eval check skipped: dsvl-eval's prompts carry no task tag")
+        return {"skipped": "task tags"}
+    spec = (f"heldout:{s.n_eval}:{s.seed}:families={','.join(s.families)}:image_size={s.image_size}"
+            f":difficulty={s.difficulty}")
+    out = os.path.join(workdir, "dsvl_eval.json")
+    argv = ["--ckpt", variant.workdir, "--format", "suite", "--data", spec, "--batch", str(s.eval_batch),
+            "--max-new-tokens", str(budget), "--system-prompt", data.SYSTEM_PROMPT, "--mesh", "none",
+            "--no-progress", "--out", out]
+    result = clock.run("dsvl_eval", eval_cli.run, eval_cli.build_parser().parse_args(argv), io.StringIO(),
+                       io.StringIO())
+    ours = {r[0]: r[2] for r in variant.after.predictions}
+    theirs = {r["id"]: r["prediction"] for r in result["predictions"]}
+    same = sum(ours.get(k) == v for k, v in theirs.items())
+    equal = same == len(ours) == len(theirs) and result["overall"] == variant.after.mean
+    _say(f"\ndsvl-eval --ckpt {os.path.relpath(variant.workdir, workdir)} --format suite --data {spec} "
+         f"--system-prompt {result['settings']['system_prompt']!r} --max-new-tokens {budget}:\n"
+         f"  mean {100 * result['overall']:.1f}%, the table's 'after' {100 * variant.after.mean:.1f}%: "
+         + ("equal" if equal else "DIFFERENT")
+         + f"; {same} of {len(ours)} answers identical ({clock.phases['dsvl_eval']['wall_s']:.0f}s)")
+    return {"mean": result["overall"], "after_mean": variant.after.mean, "same_answers": same,
+            "requests": len(ours), "equal": equal, "out": out}
 
 
 def _size(s: Settings) -> ModelSize:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ from dsvl_jax.eval import formats, runner, scoring
 from dsvl_jax.serve.model import LoadError, load
 
 EXIT_BAD_INPUT = 2
-DEFAULT_MAX_NEW = {"mmbench": 16, "pope": 8, "vqa": 16, "chartqa": 16, "docvqa": 32, "suite": 16}
+DEFAULT_MAX_NEW = formats.DEFAULT_MAX_NEW
 
 
 class UsageError(ValueError):
@@ -39,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="dsvl-eval", description=__doc__.split("\n\n")[0],
                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="checkpoint folder (config, weights, tokenizer)")
-    ap.add_argument("--data", required=True, help="the benchmark file (suite: heldout[:N[:SEED]])")
+    ap.add_argument("--data", required=True, help=f"the benchmark file (suite: {formats.SUITE_SPEC_HELP})")
     ap.add_argument("--format", required=True, choices=formats.FORMATS, help="layout and metric of --data")
     ap.add_argument("--limit", type=int, default=None, help="score only the first N questions")
     ap.add_argument("--batch", type=int, default=8, help="prompts per generation batch (default 8)")
@@ -48,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                          ", ".join(f"{k} {v}" for k, v in DEFAULT_MAX_NEW.items()) + ")")
     ap.add_argument("--max-images", type=int, default=None,
                     help="skip rows with more images than this (default: as many as the context holds)")
+    ap.add_argument("--system-prompt", default=None,
+                    help="the system text in front of each prompt (default: DeepSeek-VL's; '' for none)")
     ap.add_argument("--out", default=None, help="write predictions and scores to this JSON file")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
     ap.add_argument("--mesh", default="auto", help="auto (all devices when several), none, or DATA,FSDP,TENSOR")
@@ -76,16 +77,6 @@ def _unique(skips) -> list:
     return out
 
 
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def run(args, out: TextIO, err: TextIO) -> dict:
     _check_args(args)
     try:
@@ -105,7 +96,8 @@ def run(args, out: TextIO, err: TextIO) -> dict:
           f"batch {args.batch}" + (f", mesh {dict(vlm.mesh.shape)}" if vlm.mesh is not None else ""), file=err)
     t0 = time.perf_counter()
     answers, bad, gen_s = runner.answer_all(vlm, processor, items, batch=args.batch, max_new_tokens=max_new,
-                                           max_images=args.max_images, progress=not args.no_progress, err=err)
+                                           max_images=args.max_images, progress=not args.no_progress, err=err,
+                                           system_prompt=args.system_prompt)
     summary = scoring.summarize(args.format, items, answers)
     skipped = _unique(skips + bad)
     print(scoring.table(summary), file=out)
@@ -115,12 +107,14 @@ def run(args, out: TextIO, err: TextIO) -> dict:
               "overall": summary["overall"], "questions": summary["questions"],
               "per_category": summary["per_category"], "skipped": skipped,
               "seconds": {"total": time.perf_counter() - t0, "generation": gen_s},
-              "settings": {"batch": args.batch, "max_new_tokens": max_new, "limit": args.limit},
+              "settings": {"batch": args.batch, "max_new_tokens": max_new, "limit": args.limit,
+                           "system_prompt": processor.system_prompt if args.system_prompt is None
+                           else args.system_prompt},
               "predictions": summary["records"]}
     for extra in ("pope", "first_rotation_accuracy"):
         if extra in summary:
             result[extra] = summary[extra]
-    result = _json_safe(result)
+    result = scoring.json_safe(result)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1, ensure_ascii=False)

@@ -7,7 +7,8 @@
   the file, or a list of them) and the reference: "answers" (a list of strings, or VQAv2's list of
   {"answer": ...}) for vqa and docvqa, "answer" (or "label") for chartqa and pope (yes / no).
   Optional: "question_id" / "id", and "category" (vqa also reads "answer_type").
-- suite: the embedded task suite (`dsvl_jax.tasks`); `--data heldout[:N[:SEED]]` instead of a file.
+- suite: the embedded task suite (`dsvl_jax.tasks`); `--data heldout[:N[:SEED]]` instead of a file (options
+  such as `:families=chart,scene` choose the split's other arguments: `parse_suite_spec`).
 
 A row that cannot be used (missing field, bad JSON or base64, answer not among the options) is a
 `Skip`; a file that cannot be read at all raises `DataError` naming it.
@@ -24,11 +25,14 @@ import re
 from typing import Any, Optional
 
 from dsvl_jax import tasks
+from dsvl_jax.tasks.suite import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 CHOICE_ANSWER = "Answer with the option's letter from the given choices directly."
 LETTERS = ("A", "B", "C", "D")
 FORMATS = ("mmbench", "vqa", "docvqa", "chartqa", "pope", "suite")
+# answer length limit per format, unless asked otherwise (dsvl-eval --max-new-tokens, a benchmark's max_new_tokens)
+DEFAULT_MAX_NEW = {"mmbench": 16, "pope": 8, "vqa": 16, "chartqa": 16, "docvqa": 32, "suite": 16}
 
 
 class DataError(ValueError):
@@ -232,23 +236,60 @@ def read_jsonl(path: str, fmt: str, limit: Optional[int] = None) -> tuple[list[I
 
 
 # ---- the embedded suite -------------------------------------------------------------------------
-_SUITE_SPEC = re.compile(r"^(train|heldout)(?::(\d+))?(?::(\d+))?$")
+_SUITE_SPEC = re.compile(r"^(train|heldout)(?::(\d+))?(?::(\d+))?((?::[a-z_]+=[^:]*)*)$")
 SUITE_DEFAULT_N = 60
+SUITE_SPEC_HELP = "heldout[:N[:SEED]][:families=A,B][:image_size=PX][:difficulty=D] (or train...)"
 
 
-def parse_suite_spec(spec: str) -> tuple[str, int, int]:
-    """"heldout" / "heldout:N" / "heldout:N:SEED" (or train) → (split, n, seed)."""
+@dataclasses.dataclass(frozen=True)
+class SuiteSpec:
+    """Which examples of the suite: `tasks.make_split(split, n, families, image_size, seed, difficulty)`."""
+
+    split: str
+    n: int
+    seed: int
+    families: tuple = tasks.FAMILIES
+    image_size: int = 96
+    difficulty: str = "standard"
+
+
+def parse_suite_spec(spec: str) -> SuiteSpec:
+    """"heldout" / "heldout:N" / "heldout:N:SEED" (or train), then optional ":key=value" parts that name
+    the split's other arguments (e.g. a demo run on some families or another image size):
+    "heldout:300:0:families=document,chart:image_size=128:difficulty=easy"."""
     m = _SUITE_SPEC.match(spec.strip())
     if not m:
-        raise DataError(f"--data {spec!r}: for --format suite, expected heldout[:N[:SEED]] or train[:N[:SEED]]")
-    return m.group(1), int(m.group(2) or SUITE_DEFAULT_N), int(m.group(3) or 0)
+        raise DataError(f"--data {spec!r}: for --format suite, expected {SUITE_SPEC_HELP}")
+    out = SuiteSpec(m.group(1), int(m.group(2) or SUITE_DEFAULT_N), int(m.group(3) or 0))
+    for part in filter(None, m.group(4).split(":")):
+        key, value = part.split("=", 1)
+        if key == "families":
+            families = tuple(f.strip() for f in value.split(",") if f.strip())
+            unknown = [f for f in families if f not in tasks.FAMILIES]
+            if unknown or not families:
+                raise DataError(f"--data {spec!r}: families {unknown or '(none)'} unknown; known: "
+                                f"{','.join(tasks.FAMILIES)}")
+            out = dataclasses.replace(out, families=families)
+        elif key == "image_size":
+            if not value.isdigit() or not MIN_IMAGE_SIZE <= int(value) <= MAX_IMAGE_SIZE:
+                raise DataError(f"--data {spec!r}: image_size={value}: expected an integer in "
+                                f"{MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+            out = dataclasses.replace(out, image_size=int(value))
+        elif key == "difficulty":
+            if value not in tasks.DIFFICULTIES:
+                raise DataError(f"--data {spec!r}: difficulty={value}: expected one of {sorted(tasks.DIFFICULTIES)}")
+            out = dataclasses.replace(out, difficulty=value)
+        else:
+            raise DataError(f"--data {spec!r}: unknown option {key!r}; expected families, image_size, difficulty")
+    return out
 
 
 def read_suite(spec: str, limit: Optional[int] = None) -> tuple[list[Item], list[Skip]]:
-    split, n, seed = parse_suite_spec(spec)
-    n = n if limit is None else min(n, limit)
-    items = [Item(e.id, e.id, e.task, e.question, [e.image], {"answer": e.answer}, f"{split} example {i}")
-             for i, e in enumerate(tasks.iter_split(split, n, seed=seed))]
+    s = parse_suite_spec(spec)
+    n = s.n if limit is None else min(s.n, limit)
+    examples = tasks.iter_split(s.split, n, s.families, s.image_size, s.seed, s.difficulty)
+    items = [Item(e.id, e.id, e.task, e.question, [e.image], {"answer": e.answer}, f"{s.split} example {i}")
+             for i, e in enumerate(examples)]
     return items, []
 
 

@@ -25,9 +25,9 @@ def conversation(item: Item) -> list[dict]:
 
 
 def answer_all(vlm, processor, items: Sequence[Item], *, batch: int, max_new_tokens: int,
-               max_images: Optional[int] = None, progress: bool = True, err: TextIO = None
-               ) -> tuple[dict, list[Skip], float]:
-    """({item id: answer text}, skips, seconds of generation)."""
+               max_images: Optional[int] = None, progress: bool = True, err: TextIO = None,
+               system_prompt: Optional[str] = None) -> tuple[dict, list[Skip], float]:
+    """({item id: answer text}, skips, seconds of generation). `system_prompt`: None = the processor's."""
     tok = processor.tokenizer
     limit = R.default_max_images(vlm.config) if max_images is None else max_images
     answers, skips, seconds = {}, [], 0.0
@@ -39,7 +39,7 @@ def answer_all(vlm, processor, items: Sequence[Item], *, batch: int, max_new_tok
             for item in chunk:
                 try:
                     rows.append(R.prepare(processor, conversation(item), max_new_tokens=max_new_tokens,
-                                          max_images=limit))
+                                          max_images=limit, system_prompt=system_prompt))
                     ready.append(item)
                 except R.PrepareError as e:
                     skips.append(Skip(item.row, str(e)))

@@ -8,6 +8,7 @@ rotation alone (the non-circular number).
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Mapping, Sequence
 
@@ -75,6 +76,17 @@ def summarize(fmt: str, items: Sequence[Item], predictions: Mapping[str, str]) -
         first = [r["score"] for r in records if r["reference"]["rotation"] == 0]
         out["first_rotation_accuracy"] = _mean(first)
     return out
+
+
+def json_safe(x):
+    """NaN / infinity → None, so the JSON written is standard (a category with no questions scores NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x
 
 
 def table(summary: dict) -> str:

@@ -57,6 +57,10 @@ COMMON_KEYS = (
     ("init.from_pretrained", "start from a PyTorch checkpoint folder (HF-port or official layout)"),
     ("checkpoint.every", "save every N steps (SIGTERM / Ctrl-C also save)"),
     ("log_every", "metrics every N steps (console, metrics.jsonl, TensorBoard)"),
+    ("benchmarks_json", "benchmarks scored during training: a JSON list of {name, format (a dsvl-eval format), "
+                        "data, limit, batch, ...}; a config file sets benchmarks instead"),
+    ("benchmark_every", "score the benchmarks every N steps (0: off)"),
+    ("keep_best", "keep the params of the best step by this benchmark metric (e.g. suite/score) in workdir/best"),
     ("data.workers", "Grain decoding processes"),
     ("data.max_skips_in_a_row", "stop with an error when a data stream skips this many records in a row "
                                 "(none fits seq_len, say); 0: no limit"),

@@ -62,6 +62,13 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 0
     c.eval_steps = 8
+    # Benchmarks scored on the live params with dsvl-eval's formats, runner and metrics (`train/benchmarks.py`):
+    # [{name, format, data, limit, batch, max_new_tokens, max_images, system_prompt}], e.g.
+    # {"name": "suite", "format": "suite", "data": "heldout:60"}. Unlike eval_sources (a loss), a score.
+    c.benchmarks = []
+    c.benchmarks_json = ""  # the same as a JSON string, for the command line; non-empty wins
+    c.benchmark_every = 0  # steps; 0 = off
+    c.keep_best = ""  # a benchmark metric, e.g. "suite/score": its best step's params go to workdir/best/
     c.sample_every = 0
     c.num_samples = 2
     c.max_bad_steps = 8  # stop after this many non-finite steps in a row

@@ -1,5 +1,6 @@
 """The training loop: config → mesh, data, state (fresh / earlier stage / PyTorch / resumed) → steps,
-with metrics, periodic eval, checkpoints, preemption and the non-finite-step guard.
+with metrics, periodic eval (loss) and benchmarks (scores, best checkpoint: `benchmarks`), checkpoints,
+preemption and the non-finite-step guard.
 
     from dsvl_jax.train.trainer import train
     summary = train(config, workdir)      # what `dsvl-train` runs
@@ -26,9 +27,10 @@ from dsvl_jax.data import packing as data_packing
 from dsvl_jax.data.mixture import SourceConfig
 from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.processing.tokenizer import Tokenizer
+from dsvl_jax.runtime import VLM
 from dsvl_jax.state import abstract_state, cast_like, init_params, make_state, param_shardings
+from dsvl_jax.train import benchmarks, stages, validate
 from dsvl_jax.train import flops as flops_lib
-from dsvl_jax.train import stages, validate
 from dsvl_jax.train.checkpointing import Checkpointer, Preemption
 from dsvl_jax.train.metrics import MetricWriter
 from dsvl_jax.train.optimizer import make_optimizer
@@ -151,6 +153,8 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
         raise validate.ConfigError(
             f"tokenizer {config.data.tokenizer}: image id {tokenizer.image_token_id} / vocab {tokenizer.vocab_size} "
             f"do not fit the model (image_token_id {mcfg.image_token_id}, vocab_size {mcfg.text.vocab_size})")
+    # read once, before anything trains: a benchmark file with no usable row is a ConfigError here
+    bench = benchmarks.load(benchmarks.specs(config), tokenizer, mcfg) if config.benchmark_every else []
     # One process alone can stop inside the pipeline; several must agree first (at the end of a step).
     single = jax.process_count() == 1
     dc = data_config(config)
@@ -178,6 +182,7 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
         with open(os.path.join(workdir, "train_config.json.tmp"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         os.replace(os.path.join(workdir, "train_config.json.tmp"), os.path.join(workdir, "train_config.json"))
+    best = benchmarks.Best(workdir, config.keep_best, mcfg) if config.keep_best else None
     module = DeepseekVL(mcfg)
     if latest is not None:
         state = ckpt.restore(latest, abstract_state(mcfg, mesh, tx, mask), it)
@@ -237,6 +242,8 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
                     _check_diverged(state, done, config, ckpt, workdir)  # a diverged state is never saved
                 if config.eval_every and done % config.eval_every == 0 and validate.sources(config, "eval_sources"):
                     summary.update(evaluate(config, mcfg, module, state["params"], tokenizer, mesh, writer, done))
+                if bench and done % config.benchmark_every == 0:
+                    summary.update(_benchmark(bench, best, mcfg, state["params"], mesh, writer, workdir, done))
                 if save_now:
                     ckpt.save(done, state, it, force=True)
                 if preempted:
@@ -340,6 +347,19 @@ def _log_window(writer, done, window, seconds, config, per_step, peak, it, state
     scalars.update(it.stats().as_dict())
     writer.write(done, scalars)
     return scalars
+
+
+def _benchmark(bench, best, mcfg, params, mesh, writer, workdir: str, step: int) -> dict:
+    """Score the benchmarks on the live params: the VLM wraps them where they are, on the training mesh."""
+    t0 = time.perf_counter()
+    scalars, results = benchmarks.score(bench, VLM(mcfg, params, mesh))
+    writer.write(step, scalars, prefix="bench")
+    benchmarks.write_predictions(workdir, step, results)
+    saved = best is not None and best.update(step, scalars, params)
+    scores = ", ".join(f"{k} {v:.4g}" for k, v in scalars.items() if k.endswith("/score"))
+    writer.log(f"step {step}: {scores} ({time.perf_counter() - t0:.1f}s)"
+               + (f"; best {best.metric} so far: params in {best.dir}" if saved else ""))
+    return {f"bench/{k}": v for k, v in scalars.items()}
 
 
 def evaluate(config, mcfg, module, params, tokenizer, mesh, writer, step) -> dict:

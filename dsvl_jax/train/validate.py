@@ -10,6 +10,7 @@ import jax
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.errors import ConfigError
 from dsvl_jax.state import abstract_params
+from dsvl_jax.train import benchmarks
 from dsvl_jax.train.config_base import base
 from dsvl_jax.train.stages import GROUPS, UNUSED, count, patterns_for, trainable_mask
 
@@ -120,6 +121,7 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
     if not sources(config, "sources"):
         raise ConfigError("config.data.sources is empty: give at least one {name, paths|tfds_dir, weight, modality}")
     sources(config, "eval_sources")
+    benchmarks.check(config)
     if not d.tokenizer:
         raise ConfigError("config.data.tokenizer is empty: give a tokenizer.json or a sentencepiece .model")
     if not d.tokenizer.startswith("gs://") and not os.path.exists(d.tokenizer):
