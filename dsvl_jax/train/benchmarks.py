@@ -25,8 +25,10 @@ from typing import Optional
 
 import jax
 
+from dsvl_jax.convert import export, orbax_io
 from dsvl_jax.errors import ConfigError
-from dsvl_jax.eval import formats
+from dsvl_jax.eval import formats, runner, scoring
+from dsvl_jax.processing.processor import Processor
 
 BEST_DIR, BEST_JSON, PREDICTIONS_DIR = "best", "best.json", "benchmarks"
 # keep_best may name these (higher is better); `category/<c>` too.
@@ -136,7 +138,6 @@ class Loaded:
 
 def load(bench: list[Spec], tokenizer, mcfg) -> list[Loaded]:
     """Read every benchmark's questions once, before training starts (a file with no usable row fails here)."""
-    from dsvl_jax.processing.processor import Processor
     out = []
     for i, s in enumerate(bench):
         try:
@@ -155,7 +156,6 @@ def load(bench: list[Spec], tokenizer, mcfg) -> list[Loaded]:
 
 def score(loaded: list[Loaded], vlm) -> tuple[dict, dict]:
     """(metric name → value, benchmark name → dsvl-eval-like result with every prediction) for `vlm`."""
-    from dsvl_jax.eval import runner, scoring
     scalars, results = {}, {}
     for b in loaded:
         s = b.spec
@@ -181,14 +181,13 @@ def score(loaded: list[Loaded], vlm) -> tuple[dict, dict]:
 
 
 def write_predictions(workdir: str, step: int, results: dict) -> None:
-    from dsvl_jax.eval.scoring import json_safe
     if jax.process_index() != 0:
         return
     folder = os.path.join(workdir, PREDICTIONS_DIR)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{step}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(json_safe({"step": step, "benchmarks": results}), f, indent=1, ensure_ascii=False)
+        json.dump(scoring.json_safe({"step": step, "benchmarks": results}), f, indent=1, ensure_ascii=False)
     os.replace(path + ".tmp", path)
 
 
@@ -232,7 +231,6 @@ class Best:
     def _save(self, step: int, value: float, params) -> None:
         import orbax.checkpoint as ocp
 
-        from dsvl_jax.convert import export, orbax_io
         tmp, old = self.dir + ".tmp", self.dir + ".old"
         if jax.process_index() == 0:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,8 +21,11 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from dsvl_jax.config import VLMConfig
+from dsvl_jax.data.loader import DataConfig
 from dsvl_jax.errors import CheckpointError, ConfigError
 from dsvl_jax.train.checkpointing import CheckpointSaveError, Interrupted
+from dsvl_jax.train.config_base import base
 from dsvl_jax.train.trainer import TrainingDiverged, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (path[:variant]).",
@@ -68,10 +71,6 @@ COMMON_KEYS = (
 
 
 def usage() -> str:
-    from dsvl_jax.config import VLMConfig
-    from dsvl_jax.data.loader import DataConfig
-    from dsvl_jax.train.config_base import base
-
     defaults = base(VLMConfig())
 
     def default(key):
