@@ -26,7 +26,7 @@ COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:make|python3?|pytest|dsvl-[a-z]+)\b"
 
 # (pattern, where it runs) for the commands this file does not run itself.
 ELSEWHERE = [
-    (r"^make test(-heavy)?$", "CI: .ci/run is `make test`; tests/test_markers.py checks both targets' selection"),
+    (r"^make test(-heavy)?( PYTEST_WORKERS=\d+)?$", "CI: .ci/run is `make test`; tests/test_markers.py checks both targets' selection"),
     (r"^make demo", "tests/test_demo.py runs `python -m dsvl_jax.demo --quick`, what `make demo` runs"),
     (r"^pytest tests/(\S+\.py)", "CI: the named file is part of `make test`"),
     (r"^python -m dsvl_jax\.demo\.probe", "tests/test_vision_probe.py"),
