@@ -18,15 +18,12 @@ import sys
 import time
 from typing import Optional, TextIO
 
+from dsvl_jax.errors import UsageError, require_at_least_one
 from dsvl_jax.eval import formats, runner, scoring
 from dsvl_jax.serve.model import LoadError, load
 
 EXIT_BAD_INPUT = 2
 DEFAULT_MAX_NEW = formats.DEFAULT_MAX_NEW
-
-
-class UsageError(ValueError):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,10 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    for name in ("limit", "batch", "max_new_tokens", "max_images"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    require_at_least_one(args, ("limit", "batch", "max_new_tokens", "max_images"))
     if args.out:
         folder = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(folder):

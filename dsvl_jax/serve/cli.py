@@ -20,15 +20,12 @@ import os
 import sys
 from typing import Optional
 
+from dsvl_jax.errors import UsageError, require_at_least_one
 from dsvl_jax.serve.app import DEFAULT_MAX_BODY, ServeConfig, create_app
 from dsvl_jax.serve.batcher import Batcher, default_buckets
 from dsvl_jax.serve.model import LoadError, load
 
 EXIT_BAD_INPUT = 2
-
-
-class UsageError(ValueError):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,10 +76,7 @@ def _buckets(args) -> tuple:
 
 
 def _check(args) -> None:
-    for name in ("max_batch", "max_new_tokens", "max_images", "max_queue"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    require_at_least_one(args, ("max_batch", "max_new_tokens", "max_images", "max_queue"))
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port {args.port}: expected 0-65535")
     if args.max_body_mb <= 0 or args.batch_wait_ms < 0:
