@@ -1,6 +1,10 @@
 """Peak host memory of `dsvl-convert` on the 1.3B real-shape model, as a multiple of the checkpoint's size.
 
     python benchmarks/convert_memory.py [--directions hf:official official:hf hf:orbax orbax:hf] [--keep DIR]
+                                        [--dry-run]
+
+`--dry-run` runs the same steps on the tiny 1.3B-layout preset (kilobytes: the ratio means nothing there and
+is not judged); `make test` runs it that way.
 
 1. A subprocess initialises the deepseek_vl_1p3b preset with random weights in bfloat16
    (`jax.jit(model.init)`, params born in bf16 on the CPU device: no float32 copy) and writes them
@@ -43,7 +47,7 @@ import jax, flax.linen as nn
 from dsvl_jax import config as C
 from dsvl_jax.convert.export import save_pretrained
 from dsvl_jax.models.vlm import DeepseekVL, dummy_inputs
-cfg = C.deepseek_vl_1p3b().replace(dtype="bfloat16", param_dtype="bfloat16")
+cfg = {preset}.replace(dtype="bfloat16", param_dtype="bfloat16")
 ids, images = dummy_inputs(cfg)
 init = jax.jit(lambda key: nn.meta.unbox(DeepseekVL(cfg).init(key, ids, **images)["params"]))
 params = init(jax.random.key(0))
@@ -87,18 +91,20 @@ def main(argv=None) -> int:
                     help="src:dst pairs among hf, official, orbax (each source must be made by an earlier one)")
     ap.add_argument("--tmp", default=tempfile.gettempdir(), help="where the temporary folder goes")
     ap.add_argument("--keep", action="store_true", help="leave the checkpoints behind (prints the folder)")
+    ap.add_argument("--dry-run", action="store_true", help="the tiny preset instead of the 1.3B (what the tests run)")
     args = ap.parse_args(argv)
+    preset = "C.tiny(hybrid=False)" if args.dry_run else "C.deepseek_vl_1p3b()"
     total, _, free = shutil.disk_usage(args.tmp)
-    if free < 9 * 10**9 * max(1, len(args.directions)):
+    if not args.dry_run and free < 9 * 10**9 * max(1, len(args.directions)):
         print(f"need ~{9 * max(1, len(args.directions))} GB free in {args.tmp}, have {free / 1e9:.1f} GB")
         return 1
     work = tempfile.mkdtemp(prefix="dsvl_convert_memory-", dir=args.tmp)
     rows, ok = [], True
     try:
         t = time.time()
-        run(_MAKE, dst=os.path.join(work, "hf"))
+        run(_MAKE, dst=os.path.join(work, "hf"), preset=preset)
         model_bytes = weights_bytes(os.path.join(work, "hf"))
-        print(f"made the 1.3B bf16 HF-port checkpoint: {model_bytes / 1e9:.3f} GB in {time.time() - t:.0f} s")
+        print(f"made the {'tiny' if args.dry_run else '1.3B'} bf16 HF-port checkpoint: {model_bytes / 1e9:.3f} GB in {time.time() - t:.0f} s")
         for pair in args.directions:
             src, to = pair.split(":")
             src_dir, dst_dir = os.path.join(work, src), os.path.join(work, to)
@@ -111,11 +117,12 @@ def main(argv=None) -> int:
             size = model_bytes
             peak = max(r["hwm_kb"], r["maxrss_kb"]) * 1024
             ratio = peak / size
-            ok &= r["rc"] == 0 and ratio <= TARGET_RATIO
-            rows.append((pair, peak, size, ratio, r["baseline_kb"] * 1024, r["seconds"], r["rc"]))
+            judged = not args.dry_run
+            ok &= r["rc"] == 0 and (ratio <= TARGET_RATIO or not judged)
+            rows.append((pair, peak, size, ratio, r["baseline_kb"] * 1024, r["seconds"], r["rc"], judged))
         print(f"{'direction':<16}{'peak RSS':>10}{'ckpt':>9}{'ratio':>8}{'imports':>10}{'time':>8}")
-        for pair, peak, size, ratio, base, secs, rc in rows:
-            flag = "" if rc == 0 and ratio <= TARGET_RATIO else "  <-- FAIL"
+        for pair, peak, size, ratio, base, secs, rc, judged in rows:
+            flag = "" if rc == 0 and (ratio <= TARGET_RATIO or not judged) else "  <-- FAIL"
             print(f"{pair:<16}{peak / 1e9:>8.2f}GB{size / 1e9:>7.2f}GB{ratio:>7.2f}x{base / 1e9:>8.2f}GB"
                   f"{secs:>7.0f}s{flag}")
         print(f"target: peak ≤ {TARGET_RATIO}x the checkpoint size")

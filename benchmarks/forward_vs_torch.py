@@ -1,6 +1,6 @@
 """Forward wall time, dsvl_jax vs transformers (PyTorch eager), same random weights and inputs, fp32, this CPU.
 
-    .venv/bin/python benchmarks/forward_vs_torch.py [--cases small,1p3b,sam] [--repeats 3]
+    .venv/bin/python benchmarks/forward_vs_torch.py [--cases small,1p3b,sam] [--repeats 3] [--dry-run]
 
 Prints, per case, the median wall time of each side, the ratio dsvl_jax / PyTorch (targets: small ≤ 0.5,
 1.3B ≤ 0.9, SAM-B@1024 ≤ 0.5), the JAX compile time apart, and a floor: the case's matmul/conv FLOPs (counted on its jaxpr, scanned layers included) at
@@ -57,8 +57,10 @@ def case_full_model(name, cfg, text_tokens, repeats):
     return name, t_torch, t_jax, t_compile, traced_matmul_flops(fwd, *args)
 
 
-def case_sam(repeats):
-    cfg = C.deepseek_vl_7b().replace(text=C.tiny().text, image_token_id=C.tiny().image_token_id)
+def case_sam(repeats, base=None):
+    """SAM-B at 1024 px (or `base`'s SAM, for a dry run) under a tiny LLM."""
+    base = base or C.deepseek_vl_7b()
+    cfg = base.replace(text=C.tiny().text, image_token_id=C.tiny().image_token_id)
     _, hv = R.image_batch(cfg, 1, seed=0)
     model = _torch_model(cfg)
     x = torch.from_numpy(hv)
@@ -76,7 +78,7 @@ def case_sam(repeats):
     t_compile = time.perf_counter() - t0
     compiled(*args).block_until_ready()
     t_jax = _median_time(lambda: compiled(*args).block_until_ready(), repeats)
-    return (f"SAM-B @1024 alone (global attention: {cfg.sam_attention_impl})", t_torch, t_jax, t_compile,
+    return (f"SAM @{cfg.sam.image_size} alone (global attention: {cfg.sam_attention_impl})", t_torch, t_jax, t_compile,
             traced_matmul_flops(fwd, *args))
 
 
@@ -95,33 +97,47 @@ def matmul_rate(n: int = 4096, d: int = 768, f: int = 3072, repeats: int = 5) ->
 TARGETS = {"small": 0.5, "1p3b": 0.9, "sam": 0.5}
 
 
-def main():
+# Each case: (row name, config, text tokens, repeats factor); a dry run keeps the cases' code and swaps the
+# shapes for the tiny presets (what `make test` runs: tests/test_benchmarks_dry_run.py).
+def cases(dry_run: bool) -> dict:
+    if dry_run:
+        return {"small": ("small (tiny hybrid, 1 image + 8 text tokens)", C.tiny(), 8),
+                "1p3b": ("1.3B layout at tiny shapes, 1 image + 8 text tokens", C.tiny(hybrid=False), 8),
+                "sam": C.tiny()}
+    return {"small": ("small (tiny hybrid, 1 image + 64 text tokens)", C.tiny(), 64),
+            "1p3b": ("1.3B real shapes, 1 image + 64 text tokens", C.deepseek_vl_1p3b(), 64),
+            "sam": None}
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="small,1p3b,sam")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--dry-run", action="store_true", help="every case at tiny shapes, once (what the tests run)")
+    args = ap.parse_args(argv)
+    table = cases(args.dry_run)
+    unknown = [c for c in args.cases.split(",") if c not in table]
+    if unknown:
+        raise SystemExit(f"--cases: unknown {unknown}; expected some of {','.join(table)}")
+    repeats = 1 if args.dry_run else args.repeats
     torch.set_num_threads(os.cpu_count())
     print(f"# jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"{os.cpu_count()} CPU threads, fp32")
-    rate = matmul_rate()
+    rate = matmul_rate(n=256, repeats=1) if args.dry_run else matmul_rate()
     print(f"# matmul rate of this CPU (best of XLA / PyTorch): {rate / 1e9:.0f} GFLOP/s. 'floor' = the case's matmul"
           " FLOPs at that rate over PyTorch's time: the ratio if every FLOP ran at matmul speed")
     print(f"{'case':52s} {'torch s':>9s} {'jax s':>9s} {'ratio':>7s} {'target':>7s} {'compile s':>10s} "
           f"{'GFLOP':>7s} {'floor':>6s}")
     for case in args.cases.split(","):
-        if case == "small":
-            row = case_full_model("small (tiny hybrid, 1 image + 64 text tokens)", C.tiny(), 64, args.repeats * 5)
-        elif case == "1p3b":
-            row = case_full_model("1.3B real shapes, 1 image + 64 text tokens", C.deepseek_vl_1p3b(), 64, args.repeats)
-        elif case == "sam":
-            row = case_sam(args.repeats)
+        if case == "sam":
+            row = case_sam(repeats, table["sam"])
         else:
-            raise SystemExit(f"unknown case {case!r}")
+            name, cfg, text_tokens = table[case]
+            row = case_full_model(name, cfg, text_tokens, repeats * (5 if case == "small" else 1))
         name, tt, tj, tc, flops = row
         print(f"{name:52s} {tt:9.3f} {tj:9.3f} {tj / tt:7.2f} {'≤' + str(TARGETS[case]):>7s} {tc:10.1f} "
-              f"{flops / 1e9:7.0f} {flops / rate / tt:6.2f}", flush=True)
+              f"{flops / 1e9:7.3f} {flops / rate / tt:6.2f}", flush=True)
         gc.collect()
-
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """SAM global attention with decomposed relative positions: memory and time of each implementation.
 
     .venv/bin/python benchmarks/relpos_attention.py [--heads 12] [--cpu-heads 12] [--repeats 3]
-                                                    [--topologies v5p:2x2x1,v5e:2x2] [--skip-cpu]
+                                                    [--topologies v5p:2x2x1,v5e:2x2] [--skip-cpu] [--dry-run]
 
 Shape: SAM-B's global block at 1024 px, 1 image x heads x 4,096 tokens (64 x 64) x head_dim 64; every
 figure is forward + backward (value and grads of q, k, v and both tables).
@@ -12,6 +12,8 @@ figure is forward + backward (value and grads of q, k, v and both tables).
    On v5e XLA may keep temporaries in the 128 MiB VMEM, so its HBM temp can read lower (even 0).
 2. This machine's CPU, float32: compiled temp memory and median wall time, blockwise vs the reference.
 3. GPU, when one is visible to JAX: wall time of blockwise vs reference, bf16 and float32.
+
+`--dry-run` (what `make test` runs): every section at a 16 x 16 grid, one head, one repeat, v5p only.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ import os
 import statistics
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+# libtpu compiles here (no TPU used); let it load while another process (a test, a compile) holds it
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from dsvl_jax.ops import relpos_attention
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from dsvl_jax.ops import relpos_attention  # noqa: E402
 
 GRID, HEAD_DIM = (64, 64), 64
 MIB = 2 ** 20
@@ -40,8 +45,8 @@ def train_step(attention):
     return jax.value_and_grad(loss, argnums=tuple(range(5)))
 
 
-def relpos(impl, grid=GRID):
-    return train_step(functools.partial(relpos_attention, grid=grid, impl=impl))
+def relpos(impl, grid=None):
+    return train_step(functools.partial(relpos_attention, grid=grid or GRID, impl=impl))
 
 
 def no_bias(kind):
@@ -93,8 +98,8 @@ def tpu_section(topologies, heads):
         print(f"{name:<11} kernel / materialised-bias XLA = {kernel / xla:.4f} (target <= 0.125)")
 
 
-def concrete_inputs(heads, dtype, device, grid=GRID, head_dim=HEAD_DIM):
-    H, W = grid
+def concrete_inputs(heads, dtype, device, grid=None, head_dim=HEAD_DIM):
+    H, W = grid or GRID
     keys = jax.random.split(jax.random.key(0), 5)
     shape = (1, heads, H * W, head_dim)
     args = [jax.random.normal(keys[i], shape).astype(dtype) for i in range(3)]
@@ -121,14 +126,19 @@ def time_on(device, impls, heads, dtype, repeats, label):
         print(f"{impl:<12} {temp / MIB:>9.1f} {compile_s:>9.1f} {statistics.median(times):>9.3f}", flush=True)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, default=12, help="heads for the TPU and GPU figures")
     parser.add_argument("--cpu-heads", type=int, default=12, help="heads for the CPU timing (memory: ~4 GB at 12)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--topologies", default="v5p:2x2x1,v5e:2x2")
     parser.add_argument("--skip-cpu", action="store_true")
-    a = parser.parse_args()
+    parser.add_argument("--dry-run", action="store_true", help="16 x 16 grid, 1 head, 1 repeat, v5p only")
+    a = parser.parse_args(argv)
+    if a.dry_run:
+        global GRID
+        GRID = (16, 16)  # 256 tokens: the smallest grid whose sequence fills the TPU kernels' 128-row blocks
+        a.heads, a.cpu_heads, a.repeats, a.topologies = 1, 1, 1, "v5p:2x2x1"
 
     tpu_section([t for t in a.topologies.split(",") if t], a.heads)
     if not a.skip_cpu:

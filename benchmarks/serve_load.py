@@ -1,7 +1,7 @@
 """Load on `dsvl-serve`: N concurrent clients on loopback, with dynamic batching and with --max-batch 1.
 
     python benchmarks/serve_load.py [--clients 16] [--requests 8] [--max-tokens 32] [--max-batch 8]
-                                    [--size tiny|small | --ckpt DIR]
+                                    [--size tiny|small | --ckpt DIR] [--dry-run]
 
 Without --ckpt a random-weight checkpoint (tests/helpers/tiny_checkpoint.py) is written to a temporary
 folder: `tiny` is the tests' model (the 1.3B layout at ~1M parameters, 32 px images, 16 tokens per
@@ -162,7 +162,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--size", choices=["tiny", "small"], default="tiny", help="the random model (default tiny)")
     ap.add_argument("--ckpt", default=None, help="a checkpoint folder instead of a random model")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the tiny model, 2 clients x 1 request of 4 tokens (what the tests run)")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        args.clients, args.requests, args.max_tokens, args.max_batch, args.size = 2, 1, 4, 2, "tiny"
     if min(args.clients, args.requests, args.max_tokens, args.max_batch) < 1:
         ap.error("--clients, --requests, --max-tokens and --max-batch must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:

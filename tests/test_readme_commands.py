@@ -32,7 +32,7 @@ ELSEWHERE = [
     (r"^python -m dsvl_jax\.demo\.probe", "tests/test_vision_probe.py"),
     (r"^python -m dsvl_jax\.demo\.diagnose", "tests/test_demo.py"),
     (r"^python3? benchmarks/device_check\.py", "tests/test_device_check.py (--dry-run)"),
-    (r"^python3? benchmarks/", "a measurement, run by hand on real shapes (README: measured figures); not in CI"),
+    (r"^python3? benchmarks/", "tests/test_benchmarks_dry_run.py (the same command with --dry-run: tiny shapes)"),
     (r"^python tools/aot_compile\.py", "tests/test_train_aot.py (the same tool on the tiny config)"),
     (r"^python tpu/compile_all\.py", "tests/test_train_aot.py (the per-slice compile, tiny config)"),
     (r"^python tpu/local_cluster\.py", "tests/test_multiprocess.py"),
