@@ -146,6 +146,8 @@ def split_adapters(flat: dict) -> tuple:
 
 def with_adapters(params, adapters):
     """The params tree the model applies: base params and adapter params side by side."""
+    if not adapters:
+        return params
     flat = traverse_util.flatten_dict(params, sep="/")
     flat.update(traverse_util.flatten_dict(adapters, sep="/"))
     return traverse_util.unflatten_dict(flat, sep="/")
@@ -193,3 +195,21 @@ def delta(a, b, scale: float, kernel_shape: tuple):
     r = a.shape[-1]
     d = xp.matmul(a.reshape(lead + (-1, r)), b.reshape(lead + (r, -1))) * scale
     return d.reshape(tuple(kernel_shape)).astype(a.dtype)
+
+
+def layer_paths(adapters) -> list:
+    """The dense-layer paths that carry an adapter, sorted."""
+    flat = traverse_util.flatten_dict(adapters, sep="/")
+    return sorted(k[:-len(A_NAME) - 1] for k in flat if k.endswith("/" + A_NAME))
+
+
+def merge(params, adapters, spec: LoraSpec):
+    """The base params with each adapted kernel replaced by W + scale·A·B (for inference, benchmarks and the
+    merged export): one tree the plain model runs, equal to the LoRA forward up to float rounding."""
+    flat = traverse_util.flatten_dict(params, sep="/")
+    ad = traverse_util.flatten_dict(adapters, sep="/")
+    for layer in layer_paths(adapters):
+        w = flat[f"{layer}/kernel"]
+        flat[f"{layer}/kernel"] = w + delta(ad[f"{layer}/{A_NAME}"], ad[f"{layer}/{B_NAME}"], spec.scale,
+                                            w.shape).astype(w.dtype)
+    return traverse_util.unflatten_dict(flat, sep="/")

@@ -21,6 +21,12 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
         from_pretrained="",  # a PyTorch checkpoint folder (HF-port or official layout)
         reinit=(),  # param path prefixes to take from a fresh init instead
     ))
+    # LoRA (rank > 0): low-rank adapters on the `targets` dense layers (groups llm, llm_attn, llm_mlp, siglip_attn,
+    # siglip_mlp, adaptor, or dense-layer paths / 're:' regexes) are trained; the base is frozen except the groups
+    # or paths in `full` (e.g. ("adaptor",)), trained in full; `stage` and `trainable` are then not used.
+    # from_peft: a PEFT adapter folder (dsvl-convert --to peft) to start the adapters from.
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("llm",), full=(),
+                                            from_peft=""))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: 0 = all
     c.batch_size = 256  # global, in rows
     c.seq_len = 1024

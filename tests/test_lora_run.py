@@ -1,0 +1,154 @@
+"""A LoRA run of the trainer on the tiny config (text-only corpus, LoRA r=4 on the LLM's projections, the final
+norm trained in full): only the adapters and the chosen full params move, the frozen base stays bit-identical
+with no optimizer state; 8 devices equal 1; stop + resume is bit-identical; the run exports as a PEFT adapter that
+`peft.PeftModel.from_pretrained` loads onto transformers' model with our logits (and merged, without peft), and
+the adapter imports back bit-exactly."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+from peft import PeftModel
+
+from dsvl_jax import sharding
+from dsvl_jax.convert import peft_io
+from dsvl_jax.convert.cli import main as convert_cli
+from dsvl_jax.convert.orbax_io import load_orbax_params
+from dsvl_jax.models import lora
+from dsvl_jax.models.vlm import DeepseekVL
+from dsvl_jax.state import init_adapters, init_params, param_shapes
+from dsvl_jax.train import lora_run
+from dsvl_jax.train.trainer import train
+from dsvl_jax.train.validate import model_config
+from tests.helpers import torch_ref as R
+from tests.helpers.train_fixtures import checkpoint_state, tiny_config
+from tests.test_convert_transformers import hf_load
+
+TOL = 1e-4  # float32 logits of two frameworks (as tests/test_convert_transformers.py)
+FULL = "language_model/norm/scale"
+
+
+def _cfg(text_corpus, **kw):
+    srcs, tok = text_corpus
+    base = {"total_steps": 3, "log_every": 1, "checkpoint.async_save": False, "lora.rank": 4, "lora.alpha": 8.0,
+            "lora.targets": ("llm",), "lora.full": ("language_model/norm",),
+            # a large step so the adapters move well clear of the tolerances below in 3 steps
+            "optimizer.lr": 0.05, "optimizer.warmup_steps": 0, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+    base.update(kw)
+    return tiny_config("stage3", srcs, tok, **base)
+
+
+@pytest.fixture(scope="module")
+def run(text_corpus, tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("lora") / "run")
+    summary = train(_cfg(text_corpus), wd)
+    return wd, summary, checkpoint_state(wd, 3)
+
+
+def _split(state):
+    params = {k[len("params/"):]: v for k, v in state.items() if k.startswith("params/")}
+    adapters = {k[len("lora/"):]: v for k, v in state.items() if k.startswith("lora/")}
+    return params, adapters
+
+
+def test_only_adapters_and_full_params_change(run, text_corpus):
+    wd, _, state = run
+    params, adapters = _split(state)
+    cfg = _cfg(text_corpus)
+    mcfg = model_config(cfg)
+    mesh = sharding.make_mesh(2, 2, 2)  # the run's: its init programs come from the compilation cache
+    before = traverse_util.flatten_dict(jax.device_get(init_params(mcfg, mesh, cfg.seed)), sep="/")
+    changed = {k for k in params if not np.array_equal(params[k], np.asarray(before[k]))}
+    assert changed == {FULL}
+    fresh = traverse_util.flatten_dict(jax.device_get(init_adapters(mcfg, mesh, lora_run.spec(cfg), cfg.seed + 1)),
+                                       sep="/")
+    assert set(adapters) == set(fresh) and len(adapters) == 14  # 7 projections × (A, B), stacked over layers
+    assert all(not np.array_equal(adapters[k], fresh[k]) for k in adapters)  # B left zero, A left its init
+    assert not np.any(fresh["language_model/layers/self_attn/q_proj/lora_b"])
+    # optimizer state only for what is trained
+    opt_paths = {k.split("/", 3)[-1] for k in state if k.startswith("opt_state/") and "/" in k[10:]}
+    trained = set(adapters) | {FULL}
+    assert {p for p in opt_paths if p in set(params) | set(adapters)} <= trained
+    assert any(FULL in k for k in state if k.startswith("opt_state/"))
+    with open(os.path.join(wd, "lora.json")) as f:
+        assert json.load(f)["rank"] == 4
+
+
+@pytest.mark.heavy
+def test_eight_devices_equal_one(run, text_corpus, tmp_path):
+    _, summary, state = run
+    one = train(_cfg(text_corpus, **{"mesh.data": 1, "mesh.fsdp": 1, "mesh.tensor": 1, "mesh.devices": 1}),
+                str(tmp_path / "one"))
+    assert abs(one["loss"] - summary["loss"]) <= 1e-5
+    other = checkpoint_state(str(tmp_path / "one"), 3)
+    for k in ("params", "lora"):
+        keys = [x for x in state if x.startswith(k + "/")]
+        worst = max(float(np.abs(state[x].astype(np.float64) - other[x]).max()) for x in keys)
+        assert worst <= 1e-5, (k, worst)
+
+
+@pytest.mark.heavy
+def test_stop_and_resume_is_bit_identical(run, text_corpus, tmp_path):
+    _, _, state = run
+    wd = str(tmp_path / "part")
+    train(_cfg(text_corpus, stop_at_step=2), wd)
+    train(_cfg(text_corpus), wd)
+    again = checkpoint_state(wd, 3)
+    assert again.keys() == state.keys()
+    for k in state:
+        np.testing.assert_array_equal(again[k], state[k], err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    wd = run[0]
+    out = tmp_path_factory.mktemp("exports")
+    paths = {"peft": str(out / "peft"), "base": str(out / "base"), "merged": str(out / "merged")}
+    assert convert_cli([wd, paths["peft"], "--to", "peft"]) == 0
+    assert convert_cli([wd, paths["base"], "--to", "hf"]) == 0
+    assert convert_cli([wd, paths["merged"], "--to", "hf", "--merge"]) == 0
+    return paths
+
+
+def _ours(run, ids):
+    wd, _, state = run
+    mcfg, _ = load_orbax_params(wd)
+    params, adapters = _split(state)
+    params = traverse_util.unflatten_dict(params, sep="/")
+    spec = lora.LoraSpec(rank=4, alpha=8.0, targets=("llm",))
+    module = DeepseekVL(mcfg)
+    with_lora = np.asarray(jax.jit(lambda p, a: lora.apply(module, p, a, ids, spec=spec))(
+        params, traverse_util.unflatten_dict(adapters, sep="/")))
+    base = np.asarray(jax.jit(lambda p: module.apply({"params": p}, ids))(params))
+    return mcfg, with_lora, base
+
+
+def test_peft_adapter_and_merged_weights_give_our_logits(run, exported):
+    mcfg = load_orbax_params(run[0])[0]
+    ids = R.prompt_ids(mcfg, [0, 0], length=24, seed=5)
+    mcfg, ours, base = _ours(run, ids)
+    assert np.abs(ours - base).max() > 100 * TOL  # the adapters matter at this tolerance
+    model, _ = hf_load(mcfg, exported["base"])
+    peft_model = PeftModel.from_pretrained(model, exported["peft"]).eval()
+    assert np.abs(R.torch_logits(peft_model, ids) - ours).max() <= TOL
+    merged, info = hf_load(mcfg, exported["merged"])
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert np.abs(R.torch_logits(merged, ids) - ours).max() <= TOL
+
+
+def test_peft_import_round_trips_bit_exactly(run, exported, text_corpus):
+    wd, _, state = run
+    _, adapters = _split(state)
+    mcfg = load_orbax_params(wd)[0]
+    spec, back = peft_io.read_peft(exported["peft"], mcfg, param_shapes(mcfg))
+    assert (spec.rank, spec.alpha) == (4, 8.0)
+    assert back.keys() == adapters.keys()
+    for k in adapters:
+        np.testing.assert_array_equal(back[k], adapters[k], err_msg=k)
+    # and as a run's starting adapters (config.lora.from_peft), placed on the mesh
+    cfg = _cfg(text_corpus, **{"lora.from_peft": exported["peft"]})
+    placed = lora_run.initial_adapters(cfg, mcfg, sharding.make_mesh(2, 2, 2), lora_run.spec(cfg))
+    for k, v in traverse_util.flatten_dict(jax.device_get(placed), sep="/").items():
+        np.testing.assert_array_equal(v, adapters[k], err_msg=k)
