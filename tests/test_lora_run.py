@@ -3,6 +3,7 @@ norm trained in full): only the adapters and the chosen full params move, the fr
 with no optimizer state; 8 devices equal 1; stop + resume is bit-identical; the run exports as a PEFT adapter that
 `peft.PeftModel.from_pretrained` loads onto transformers' model with our logits (and merged, without peft), and
 the adapter imports back bit-exactly."""
+import importlib.util
 import json
 import os
 
@@ -21,7 +22,7 @@ from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.state import init_adapters, init_params, param_shapes
 from dsvl_jax.train import lora_run
 from dsvl_jax.train.trainer import train
-from dsvl_jax.train.validate import model_config
+from dsvl_jax.train.validate import check, model_config
 from tests.helpers import torch_ref as R
 from tests.helpers.train_fixtures import checkpoint_state, tiny_config
 from tests.test_convert_transformers import hf_load
@@ -152,3 +153,16 @@ def test_peft_import_round_trips_bit_exactly(run, exported, text_corpus):
     placed = lora_run.initial_adapters(cfg, mcfg, sharding.make_mesh(2, 2, 2), lora_run.spec(cfg))
     for k, v in traverse_util.flatten_dict(jax.device_get(placed), sep="/").items():
         np.testing.assert_array_equal(v, adapters[k], err_msg=k)
+
+
+@pytest.mark.parametrize("size", ["1p3b", "7b"])
+def test_released_lora_configs_validate(size, text_corpus):
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                        f"deepseek_vl_{size}.py")
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("lora")
+    c.data.sources, c.data.tokenizer = text_corpus
+    check(c, device_count=8)
+    assert lora_run.spec(c).rank == 16 and lora_run.base_patterns(c) == ("aligner/",)

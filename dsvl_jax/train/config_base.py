@@ -120,3 +120,13 @@ def released_size_config(model: VLMConfig, size: str, variant: str) -> ml_collec
     if stage > 1:
         c.data.max_images_per_row = 4
     return c
+
+
+def lora_sft(c, *, rank: int = 16, lr: float = 2e-4):
+    """A released size's stage-3 config (SFT data, schedule, batch) turned into LoRA SFT: r=`rank` adapters
+    (alpha 2r, dropout 0.05) on every LLM projection, the VL adaptor's MLP (`aligner/`) trained in full (the
+    common VLM recipe; whole torch modules, so `dsvl-convert --to peft` carries it), the rest frozen. LoRA takes a ~10x larger learning rate than full fine-tuning (the paper's stage 3: 2e-5)."""
+    c.lora.rank, c.lora.alpha, c.lora.dropout = rank, 2.0 * rank, 0.05
+    c.lora.targets, c.lora.full = ("llm",), ("aligner/",)
+    c.optimizer.lr = lr
+    return c
