@@ -16,13 +16,14 @@ from peft import PeftModel
 from dsvl_jax import sharding
 from dsvl_jax.convert import peft_io
 from dsvl_jax.convert.cli import main as convert_cli
+from dsvl_jax.convert.load import load_pretrained
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.models import lora
 from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.state import init_adapters, init_params, param_shapes
 from dsvl_jax.train import lora_run
 from dsvl_jax.train.trainer import train
-from dsvl_jax.train.validate import check, model_config
+from dsvl_jax.train.validate import ConfigError, check, model_config
 from tests.helpers import torch_ref as R
 from tests.helpers.train_fixtures import checkpoint_state, tiny_config
 from tests.test_convert_transformers import hf_load
@@ -134,6 +135,8 @@ def test_peft_adapter_and_merged_weights_give_our_logits(run, exported):
     model, _ = hf_load(mcfg, exported["base"])
     peft_model = PeftModel.from_pretrained(model, exported["peft"]).eval()
     assert np.abs(R.torch_logits(peft_model, ids) - ours).max() <= TOL
+    vlm = load_pretrained(run[0])  # the workdir itself (chat, eval, serve): the adapters merged in
+    assert np.abs(np.asarray(vlm(ids)) - ours).max() <= 1e-5
     merged, info = hf_load(mcfg, exported["merged"])
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert np.abs(R.torch_logits(merged, ids) - ours).max() <= TOL
@@ -166,3 +169,30 @@ def test_released_lora_configs_validate(size, text_corpus):
     c.data.sources, c.data.tokenizer = text_corpus
     check(c, device_count=8)
     assert lora_run.spec(c).rank == 16 and lora_run.base_patterns(c) == ("aligner/",)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"lora.rank": -1}, r"config.lora.rank=-1: expected a positive integer"),
+    ({"lora.dropout": 1.0}, r"config.lora.dropout=1.0"),
+    ({"lora.targets": ("nothing",)}, r"config.lora.targets entry 'nothing'"),
+    ({"lora.targets": ("re:^nothing$",)}, r"config.lora.targets \['re:\^nothing\$'\] match no dense layer"),
+    ({"lora.full": ("bogus",)}, r"config.lora.full entry 'bogus'"),
+    ({"lora.from_peft": "/nonexistent/peft"}, r"config.lora.from_peft='/nonexistent/peft': no adapter_config.json"),
+])
+def test_bad_lora_config_is_rejected_before_compiling(text_corpus, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(_cfg(text_corpus, **overrides), str(tmp_path / "wd"))
+    assert not os.path.exists(tmp_path / "wd" / "checkpoints")
+
+
+def test_a_lora_workdir_resumes_only_as_lora(run, text_corpus):
+    with pytest.raises(ConfigError, match="checkpoint 3 of a LoRA run, and config.lora.rank=0 asks for no LoRA"):
+        train(_cfg(text_corpus, **{"lora.rank": 0}), run[0])
+
+
+def test_peft_export_needs_a_lora_run_and_matching_import(exported, text_corpus, tmp_path, capsys):
+    assert convert_cli([exported["base"], str(tmp_path / "p"), "--to", "peft"]) == 2
+    assert "--to peft reads a LoRA run's Orbax workdir" in capsys.readouterr().err
+    cfg = _cfg(text_corpus, **{"lora.rank": 8, "lora.alpha": 16.0, "lora.from_peft": exported["peft"]})
+    with pytest.raises(ConfigError, match=r"holds r=4, alpha=8.0 on 7 layers; config.lora asks for r=8"):
+        lora_run.initial_adapters(cfg, model_config(cfg), sharding.make_mesh(2, 2, 2), lora_run.spec(cfg))

@@ -88,3 +88,19 @@ class MergedSource:
             a, b = a[layer], b[layer]
         d = lora.delta(a.astype(np.float32), b.astype(np.float32), self.spec.scale, w.shape)
         return (w.astype(np.float32) + d).astype(w.dtype)
+
+
+def merged(path: str, source: OrbaxSource, flat: dict) -> dict:
+    """The flat params `source` read from `path`, with a LoRA run's adapters merged into their kernels (what the
+    run's model computes); other checkpoints' params unchanged."""
+    if not is_lora_run(path, source.location.step):
+        return flat
+    spec, _ = read_meta(path, source.location.step)
+    adapters = read_adapters(source)
+    out = dict(flat)
+    for layer in lora.layer_paths(adapters):
+        w = out[f"{layer}/kernel"]
+        d = lora.delta(adapters[f"{layer}/{lora.A_NAME}"].astype(np.float32),
+                       adapters[f"{layer}/{lora.B_NAME}"].astype(np.float32), spec.scale, w.shape)
+        out[f"{layer}/kernel"] = (np.asarray(w, np.float32) + d).astype(w.dtype)
+    return out

@@ -81,7 +81,10 @@ def initial_params(config, mcfg: VLMConfig, mesh, writer=None):
     src = config.init
     if src.from_checkpoint:
         step = None if src.from_checkpoint_step < 0 else src.from_checkpoint_step
-        src_cfg, host = orbax_io.load_orbax_params(src.from_checkpoint, step)
+        source = orbax_io.OrbaxSource(src.from_checkpoint, step)
+        src_cfg = source.config  # an earlier LoRA stage hands on its model: adapters merged into the kernels
+        host = traverse_util.unflatten_dict(lora_orbax.merged(
+            src.from_checkpoint, source, traverse_util.flatten_dict(source.params(), sep="/")), sep="/")
         _check_same_architecture(src_cfg, mcfg, src.from_checkpoint)
         params = jax.tree.map(lambda x, s, a: jax.device_put(np.asarray(x).astype(a.dtype), s), host, shardings,
                               abstract)
