@@ -34,6 +34,7 @@ TEST_REQUIRES = [
     "hypothesis",
     "openai==3.63.0",  # drives dsvl-serve in tests/test_serve.py
     "httpx==0.29.0",  # raw (malformed) requests to dsvl-serve
+    "peft==0.22.0",  # loads our LoRA exports (tests/test_lora*.py)
 ]
 
 setup(

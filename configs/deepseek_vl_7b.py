@@ -10,10 +10,22 @@ Hardware and cost (model FLOPs from `dsvl_jax.train.flops`, MFU assumed 45%; v5p
            → 1.8e22 FLOP → ~8 days on v5p-256 (128 chips; 23 GiB per chip at grad_accum 18, AOT-compiled);
            the smallest v5p slice that fits at the paper's batch is v5p-16 (86.6 GiB per chip, grad_accum 144).
   stage 3: 10k steps × 256 rows × 4,096 tokens, SAM-B frozen → 5e20 FLOP → ~21 h on v5p-64.
+LoRA SFT (`:lora`; `dsvl_jax.train.config_base.lora_sft`): stage 3's data, schedule and batch, r=16 adapters on every
+LLM projection, the adaptor MLP (aligner/) in full, everything else frozen (no optimizer state), lr 2e-4:
+    dsvl-train --config configs/deepseek_vl_7b.py:lora --workdir gs://BUCKET/7b/lora \
+        --config.init.from_pretrained=gs://BUCKET/deepseek-vl-7b-chat \
+        --config.data.tokenizer=... --config.data.sources_json='[...]'
+    dsvl-convert LOCAL_COPY_OF_WORKDIR 7b-peft --to peft     # adapter_config.json + adapter_model.safetensors
+    dsvl-convert LOCAL_COPY_OF_WORKDIR 7b-merged --to hf --merge
+  AOT per-chip memory on v5p-8: not measured (`python tools/aot_compile.py --config configs/deepseek_vl_7b.py:lora
+  --topology v5p:2x2x1 --grad-accum 16` compiles it; a 7B compile takes 15-30 min on the 2-core dev host and was
+  not run; the 1.3B's LoRA / full figures are in configs/deepseek_vl_1p3b.py).
 """
 from dsvl_jax.config import deepseek_vl_7b
-from dsvl_jax.train.config_base import released_size_config
+from dsvl_jax.train.config_base import lora_sft, released_size_config
 
 
 def get_config(arg: str = "stage2"):
+    if arg == "lora":  # LoRA SFT: stage 3's data and schedule, r=16 adapters on the LLM, aligner/ in full
+        return lora_sft(released_size_config(deepseek_vl_7b(), "7b", "stage3"))
     return released_size_config(deepseek_vl_7b(), "7b", arg)

@@ -17,7 +17,7 @@ compile's input); `make_state` builds the real one on the same shardings.
 """
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import flax.linen as nn
 import jax
@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.errors import CheckpointError
+from dsvl_jax.models import lora
 from dsvl_jax.models.vlm import DeepseekVL, dummy_inputs
 
 
@@ -79,6 +80,23 @@ def init_params(cfg: VLMConfig, mesh, seed: int):
         return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
 
 
+def adapter_shardings(cfg: VLMConfig, mesh, spec: lora.LoraSpec):
+    """NamedShardings of the LoRA adapters of `spec` by the logical rules, and the abstract (unboxed) adapters."""
+    ids, images = dummy_inputs(cfg)
+    boxed = lora.abstract_adapters(DeepseekVL(cfg), spec, ids, **images)
+    return sharding.param_shardings(boxed, mesh), nn.meta.unbox(boxed)
+
+
+def init_adapters(cfg: VLMConfig, mesh, spec: lora.LoraSpec, seed: int):
+    """Fresh adapters (A from `seed`, B zero), each created on its shard."""
+    shardings, _ = adapter_shardings(cfg, mesh, spec)
+    module = DeepseekVL(cfg)
+    ids, images = dummy_inputs(cfg)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda key: lora.init_adapters(module, spec, key, ids, **images),
+                       out_shardings=shardings)(jax.random.key(seed))
+
+
 def cast_like(params, abstract):
     """Cast loaded params to the dtypes of the abstract tree (e.g. fp32 master weights from a bf16 checkpoint)."""
     return jax.tree.map(lambda x, a: x.astype(a.dtype) if x.dtype != a.dtype else x, params, abstract)
@@ -95,6 +113,7 @@ class TrainState(TypedDict):
     opt_state: Any  # the optimizer state of the trainable params (a flat {path: array} tree inside)
     bad_steps: jax.Array  # int32 scalar: consecutive non-finite steps
     skipped: jax.Array  # int32 scalar: updates skipped as non-finite, in all
+    lora: NotRequired[dict]  # a LoRA run's adapters (`models/lora.py`), apart from the params; trained
 
 
 def split_params(params, mask):
@@ -123,23 +142,45 @@ def opt_state_shardings(abstract_opt_state, flat_param_shardings, mesh):
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
-def abstract_state(cfg: VLMConfig, mesh, tx, mask) -> TrainState:
+def trained_params(params, mask, adapters=None) -> dict:
+    """The flat {path: array} tree the optimizer sees: the masked params, and a LoRA run's adapters."""
+    trainable = split_params(params, mask)[0]
+    if adapters is not None:
+        trainable.update(traverse_util.flatten_dict(adapters, sep="/"))
+    return trainable
+
+
+def abstract_state(cfg: VLMConfig, mesh, tx, mask, lora_spec: lora.LoraSpec | None = None) -> TrainState:
     """The state as ShapeDtypeStructs carrying this mesh's shardings, nothing allocated: the restore target
-    on resume (a resumed run never initialises params it will overwrite) and the AOT compile's input."""
+    on resume (a resumed run never initialises params it will overwrite) and the AOT compile's input.
+    With `lora_spec`, the state also holds the adapters ("lora"), trained with the masked params."""
     p_shard, abstract = param_shardings(cfg, mesh)
     with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    opt_abs = jax.eval_shape(tx.init, split_params(abstract, mask)[0])
-    o_shard = opt_state_shardings(opt_abs, traverse_util.flatten_dict(p_shard, sep="/"), mesh)
+    flat_shard = traverse_util.flatten_dict(p_shard, sep="/")
+    adapters = None
+    if lora_spec is not None:
+        a_shard, adapters = adapter_shardings(cfg, mesh, lora_spec)
+        flat_shard.update(traverse_util.flatten_dict(a_shard, sep="/"))
+    opt_abs = jax.eval_shape(tx.init, trained_params(abstract, mask, adapters))
+    o_shard = opt_state_shardings(opt_abs, flat_shard, mesh)
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))
-    return TrainState(step=scalar, params=jax.tree.map(with_sharding, abstract, p_shard),
-                      opt_state=jax.tree.map(with_sharding, opt_abs, o_shard), bad_steps=scalar, skipped=scalar)
+    state = TrainState(step=scalar, params=jax.tree.map(with_sharding, abstract, p_shard),
+                       opt_state=jax.tree.map(with_sharding, opt_abs, o_shard), bad_steps=scalar, skipped=scalar)
+    if adapters is not None:
+        state["lora"] = jax.tree.map(with_sharding, adapters, a_shard)
+    return state
 
 
-def make_state(params, tx, mask, mesh, cfg: VLMConfig) -> TrainState:
-    """A fresh state around `params` (already placed), on the shardings of `abstract_state`."""
-    target = abstract_state(cfg, mesh, tx, mask)
+def make_state(params, tx, mask, mesh, cfg: VLMConfig, adapters=None, lora_spec: lora.LoraSpec | None = None
+               ) -> TrainState:
+    """A fresh state around `params` (and a LoRA run's `adapters` of `lora_spec`), already placed, on the
+    shardings of `abstract_state`."""
+    target = abstract_state(cfg, mesh, tx, mask, lora_spec)
     o_shard = jax.tree.map(lambda a: a.sharding, target["opt_state"])
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(lambda p: tx.init(split_params(p, mask)[0]), out_shardings=o_shard)(params)
+        opt_state = jax.jit(lambda p, a: tx.init(trained_params(p, mask, a)), out_shardings=o_shard)(params, adapters)
     zero = lambda: jax.device_put(jnp.zeros((), jnp.int32), target["step"].sharding)  # noqa: E731
-    return TrainState(step=zero(), params=params, opt_state=opt_state, bad_steps=zero(), skipped=zero())
+    state = TrainState(step=zero(), params=params, opt_state=opt_state, bad_steps=zero(), skipped=zero())
+    if adapters is not None:
+        state["lora"] = adapters
+    return state

@@ -1,5 +1,7 @@
-"""`dsvl-convert SRC DST --to hf|official|orbax`: checkpoints between an Orbax training checkpoint, an
+"""`dsvl-convert SRC DST --to hf|official|orbax|peft`: checkpoints between an Orbax training checkpoint, an
 HF-port folder and an official-layout folder, in any direction (also `python tools/convert_checkpoint.py`).
+A LoRA run's workdir exports its adapters as a PEFT adapter folder (`--to peft`, for transformers + peft) or
+merged into full weights (`--to hf|official --merge`); `--to hf|official` alone writes its base params.
 
 The source layout is detected (Orbax workdir / checkpoints dir / step dir; else config.json's
 model_type). PyTorch ↔ PyTorch streams one tensor at a time through the key map; Orbax sources are
@@ -18,13 +20,15 @@ from typing import Optional
 
 import jax
 
-from dsvl_jax.convert import orbax_io, stream
+from dsvl_jax.convert import lora_orbax, orbax_io, peft_io, stream
 from dsvl_jax.convert.export import DestinationExists, has_tokenizer, plan_tensors, write_folder
 from dsvl_jax.convert.folders import read_config
 from dsvl_jax.convert.safetensors_io import INDEX_NAME, MAX_SHARD_BYTES, SINGLE_NAME
 from dsvl_jax.errors import CheckpointError, ConfigError
+from dsvl_jax.state import param_shapes
+from dsvl_jax.train.stages import UNUSED, path_matches
 
-TARGETS = ("hf", "official", "orbax")
+TARGETS = ("hf", "official", "orbax", "peft")
 DTYPES = ("bfloat16", "float32")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -76,8 +80,9 @@ def check_destination(src: str, dst: str, overwrite: bool) -> None:
 
 
 def convert(src: str, dst: str, to: str, *, dtype: Optional[str] = None, overwrite: bool = False,
-            step: Optional[int] = None, max_shard_bytes: Optional[int] = None) -> str:
-    """Convert `src` (any supported layout, detected) to `to` at `dst`. Returns the destination path."""
+            step: Optional[int] = None, max_shard_bytes: Optional[int] = None, merge: bool = False) -> str:
+    """Convert `src` (any supported layout, detected) to `to` at `dst`. Returns the destination path.
+    `merge` (LoRA runs, to hf/official): the adapters merged into the kernels."""
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: expected one of {TARGETS}")
     if dtype is not None and dtype not in DTYPES:
@@ -87,9 +92,25 @@ def convert(src: str, dst: str, to: str, *, dtype: Optional[str] = None, overwri
     if step is not None and kind != "orbax":
         raise CheckpointError(f"--step applies to Orbax sources; {src} is a PyTorch ({kind}) folder")
     shard = max_shard_bytes or MAX_SHARD_BYTES
+    lora_run = kind == "orbax" and lora_orbax.is_lora_run(src, step)
+    if (to == "peft" or merge) and not lora_run:
+        what = "not one" if kind == "orbax" else f"a PyTorch ({kind}) folder"
+        raise CheckpointError(f"{'--to peft' if to == 'peft' else '--merge'} reads a LoRA run's Orbax workdir "
+                              f"(lora.json beside model_config.json); {src} is {what}")
+    if merge and to not in ("hf", "official"):
+        raise ValueError(f"--merge writes full PyTorch weights: use it with --to hf or --to official, not --to {to}")
     if kind == "orbax":
         source = orbax_io.OrbaxSource(src, step)
         loc = source.location
+        if lora_run and (to == "peft" or merge):
+            spec, full = lora_orbax.read_meta(src, step)
+            adapters = lora_orbax.read_adapters(source)
+            if to == "peft":
+                full_paths = [p for p in param_shapes(source.config)
+                              if path_matches(p, full) and not path_matches(p, UNUSED)]
+                return peft_io.write_peft(dst, source.config, spec, adapters, full_paths=full_paths,
+                                          array_of=source.array_of, overwrite=overwrite)
+            source = lora_orbax.MergedSource(source, spec, adapters)
         if to == "orbax":
             cfg = source.config if dtype is None else source.config.replace(param_dtype=dtype)
             return orbax_io.save_orbax_params(dst, cfg, source.params(dtype), step=loc.step,
@@ -117,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="cast weights (default: keep each tensor's dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     p.add_argument("--step", type=int, default=None, help="Orbax source: the step to read (default: latest)")
+    p.add_argument("--merge", action="store_true",
+                   help="LoRA run: write full weights with the adapters merged in (with --to hf or official)")
     p.add_argument("--max-shard-size", type=parse_size, default=None,
                    help="largest safetensors shard, e.g. 5GB (default) or 500MB")
     return p
@@ -136,14 +159,17 @@ def main(argv=None) -> int:
             jax.config.update("jax_platforms", "cpu")
     try:
         out = convert(args.src, args.dst, args.to, dtype=args.dtype, overwrite=args.overwrite, step=args.step,
-                      max_shard_bytes=args.max_shard_size)
+                      max_shard_bytes=args.max_shard_size, merge=args.merge)
     except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"dsvl-convert: error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"dsvl-convert: error: writing {args.dst}: {one_line(e)}", file=sys.stderr)
         return 1
-    print(f"dsvl-convert: wrote {out} ({args.to})")
+    print(f"dsvl-convert: wrote {out} ({args.to}{', merged' if args.merge else ''})")
+    if args.to in ("hf", "official", "orbax") and not args.merge and lora_orbax.is_lora_run(args.src, args.step):
+        print(f"dsvl-convert: note: {args.src} is a LoRA run; {out} holds its base params without the adapters "
+              "(--merge merges them in, --to peft writes them as a PEFT adapter)", file=sys.stderr)
     if args.to == "hf" and not has_tokenizer(out):
         print(f"dsvl-convert: note: {args.src} has no tokenizer files beside its config, so {out} has none; "
               "transformers' AutoProcessor needs tokenizer.json (or tokenizer.model) with "

@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
-from dsvl_jax.convert import keymap, orbax_io
+from dsvl_jax.convert import keymap, lora_orbax, orbax_io
 from dsvl_jax.convert.folders import read_config  # noqa: F401  (part of this module's interface)
 from dsvl_jax.convert.safetensors_io import DTYPES, FLOAT_CODES, SafetensorsReader
 from dsvl_jax.errors import CheckpointError
@@ -167,7 +167,8 @@ def _load_orbax(path: str, dtype, mesh, config_overrides):
         d = jnp.dtype(dtype).name
         cfg = cfg.replace(dtype=d, param_dtype=d)
     cfg = cfg.replace(**(config_overrides or {}))
-    flat = traverse_util.flatten_dict(source.params(dtype), sep="/")
+    # a LoRA run's workdir loads as the model it trained: its adapters merged into the kernels
+    flat = lora_orbax.merged(path, source, traverse_util.flatten_dict(source.params(dtype), sep="/"))
     shardings = None
     if mesh is not None:
         shardings = traverse_util.flatten_dict(param_shardings(cfg, mesh)[0], sep="/")

@@ -148,7 +148,7 @@ class Decoder(nn.Module):
                                        (c.vocab_size, c.hidden_size), self.param_dtype)
         # Only the layer index is scanned; the cache (or None) is read by each layer, not carried.
         self.layers = nn.scan(maybe_remat(DecoderLayer, self.remat_policy), variable_axes={"params": 0},
-                              split_rngs={"params": True},
+                              split_rngs={"params": True, "dropout": True},  # a dropout mask per layer (LoRA)
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                               length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
             c, self.dtype, self.param_dtype)

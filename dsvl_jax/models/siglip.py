@@ -81,7 +81,7 @@ class SiglipTower(nn.Module):
         block = maybe_remat(SiglipBlock, self.remat_policy)
         kw = dict(cfg=c, dtype=self.dtype, param_dtype=self.param_dtype)
         # Blocks are stacked on a leading "layers" axis and scanned: one compiled body for all of them.
-        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        x, _ = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                        length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
             **kw, name="blocks")(x, None)
         x = LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)

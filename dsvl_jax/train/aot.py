@@ -66,7 +66,7 @@ from dsvl_jax import sharding
 from dsvl_jax.data.transforms import DEFAULT_TASKS
 from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.state import abstract_state, param_shardings
-from dsvl_jax.train import flops, stages, validate
+from dsvl_jax.train import flops, lora_run, stages, validate
 from dsvl_jax.train.config_files import load_config
 from dsvl_jax.train.optimizer import make_optimizer
 from dsvl_jax.train.step import make_train_step
@@ -187,14 +187,15 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
     if batch % (shards * grad_accum):
         raise SystemExit(f"--batch {batch} is not divisible by data x fsdp ({shards}) x grad_accum ({grad_accum})")
 
-    patterns = stages.patterns_for(config.stage, tuple(config.trainable))
+    spec = lora_run.spec(config)  # a LoRA config compiles its LoRA step (adapters in the state)
+    patterns = lora_run.base_patterns(config) if spec else stages.patterns_for(config.stage, tuple(config.trainable))
     _, abstract = param_shardings(cfg, mesh)
     mask = stages.trainable_mask(abstract, patterns)
     tx, lr_fn = make_optimizer(config.optimizer, config.total_steps, mask)
     num_tasks = 1 + len(DEFAULT_TASKS) + len([t for t in config.data.tasks if t not in DEFAULT_TASKS])
     step = make_train_step(DeepseekVL(cfg), tx, mask, lr_fn, num_tasks=num_tasks, grad_accum=grad_accum,
-                           loss_chunk=config.loss_chunk, text_only=text_only)
-    state = abstract_state(cfg, mesh, tx, mask)
+                           loss_chunk=config.loss_chunk, text_only=text_only, lora_spec=spec, seed=config.seed)
+    state = abstract_state(cfg, mesh, tx, mask, spec)
     inputs = abstract_batch(cfg, mesh, batch, seq_len, images_per_row, text_only)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):

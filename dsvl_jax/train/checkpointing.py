@@ -53,6 +53,12 @@ class Checkpointer:
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
         return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()}
 
+    def has_adapters(self, step: int) -> bool:
+        """Whether checkpoint `step` is a LoRA run's (its state holds "lora"), from its metadata alone."""
+        meta = ocp.PyTreeCheckpointer().metadata(os.path.join(str(self.manager.directory), str(step), "state"))
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        return "lora" in tree
+
     def restore(self, step: int, abstract_state, data_iter=None):
         """State restored onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding)."""
         args = {"state": ocp.args.StandardRestore(abstract_state)}

@@ -58,6 +58,8 @@ COMMON_KEYS = (
     ("mesh.tensor", "tensor-parallel devices"),
     ("init.from_checkpoint", "start from an earlier stage's workdir"),
     ("init.from_pretrained", "start from a PyTorch checkpoint folder (HF-port or official layout)"),
+    ("lora.rank", "LoRA: train adapters of this rank on lora.targets (alpha, dropout, full, from_peft beside it), "
+                  "the base frozen; 0: off"),
     ("checkpoint.every", "save every N steps (SIGTERM / Ctrl-C also save)"),
     ("log_every", "metrics every N steps (console, metrics.jsonl, TensorBoard)"),
     ("benchmarks_json", "benchmarks scored during training: a JSON list of {name, format (a dsvl-eval format), "

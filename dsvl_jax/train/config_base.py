@@ -21,6 +21,12 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
         from_pretrained="",  # a PyTorch checkpoint folder (HF-port or official layout)
         reinit=(),  # param path prefixes to take from a fresh init instead
     ))
+    # LoRA (rank > 0): low-rank adapters on the `targets` dense layers (groups llm, llm_attn, llm_mlp, siglip_attn,
+    # siglip_mlp, adaptor, or dense-layer paths / 're:' regexes) are trained; the base is frozen except the groups
+    # or paths in `full` (e.g. ("adaptor",)), trained in full; `stage` and `trainable` are then not used.
+    # from_peft: a PEFT adapter folder (dsvl-convert --to peft) to start the adapters from.
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("llm",), full=(),
+                                            from_peft=""))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: 0 = all
     c.batch_size = 256  # global, in rows
     c.seq_len = 1024
@@ -113,4 +119,14 @@ def released_size_config(model: VLMConfig, size: str, variant: str) -> ml_collec
         c.data.mm_warmup_steps = warm  # the modality warm-up spans the LR warm-up (the paper gives no length)
     if stage > 1:
         c.data.max_images_per_row = 4
+    return c
+
+
+def lora_sft(c, *, rank: int = 16, lr: float = 2e-4):
+    """A released size's stage-3 config (SFT data, schedule, batch) turned into LoRA SFT: r=`rank` adapters
+    (alpha 2r, dropout 0.05) on every LLM projection, the VL adaptor's MLP (`aligner/`) trained in full (the
+    common VLM recipe; whole torch modules, so `dsvl-convert --to peft` carries it), the rest frozen. LoRA takes a ~10x larger learning rate than full fine-tuning (the paper's stage 3: 2e-5)."""
+    c.lora.rank, c.lora.alpha, c.lora.dropout = rank, 2.0 * rank, 0.05
+    c.lora.targets, c.lora.full = ("llm",), ("aligner/",)
+    c.optimizer.lr = lr
     return c

@@ -20,16 +20,17 @@ from flax import traverse_util
 
 from dsvl_jax import sharding
 from dsvl_jax.config import VLMConfig
-from dsvl_jax.convert import orbax_io
+from dsvl_jax.convert import lora_orbax, orbax_io
 from dsvl_jax.convert.load import load_pretrained
 from dsvl_jax.data import loader as data_loader
 from dsvl_jax.data import packing as data_packing
 from dsvl_jax.data.mixture import SourceConfig
+from dsvl_jax.models import lora
 from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.processing.tokenizer import Tokenizer
 from dsvl_jax.runtime import VLM
 from dsvl_jax.state import abstract_state, cast_like, init_params, make_state, param_shardings
-from dsvl_jax.train import benchmarks, stages, validate
+from dsvl_jax.train import benchmarks, lora_run, stages, validate
 from dsvl_jax.train import flops as flops_lib
 from dsvl_jax.train.checkpointing import Checkpointer, Preemption
 from dsvl_jax.train.metrics import MetricWriter
@@ -80,7 +81,10 @@ def initial_params(config, mcfg: VLMConfig, mesh, writer=None):
     src = config.init
     if src.from_checkpoint:
         step = None if src.from_checkpoint_step < 0 else src.from_checkpoint_step
-        src_cfg, host = orbax_io.load_orbax_params(src.from_checkpoint, step)
+        source = orbax_io.OrbaxSource(src.from_checkpoint, step)
+        src_cfg = source.config  # an earlier LoRA stage hands on its model: adapters merged into the kernels
+        host = traverse_util.unflatten_dict(lora_orbax.merged(
+            src.from_checkpoint, source, traverse_util.flatten_dict(source.params(), sep="/")), sep="/")
         _check_same_architecture(src_cfg, mcfg, src.from_checkpoint)
         params = jax.tree.map(lambda x, s, a: jax.device_put(np.asarray(x).astype(a.dtype), s), host, shardings,
                               abstract)
@@ -166,7 +170,8 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
     except (OSError, ValueError) as e:  # a shard glob that matches nothing, too few records for the shards, ...
         raise validate.ConfigError(f"config.data.sources: {e}") from None
     num_tasks = len(it.task_vocabulary)
-    patterns = stages.patterns_for(config.stage, tuple(config.trainable))
+    spec = lora_run.spec(config)  # None: no LoRA
+    patterns = lora_run.base_patterns(config) if spec else stages.patterns_for(config.stage, tuple(config.trainable))
     _, abstract = param_shardings(mcfg, mesh)
     mask = stages.trainable_mask(abstract, patterns)
     n_train, n_total = stages.count(abstract, mask)
@@ -175,9 +180,11 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
                         async_save=config.checkpoint.async_save)
     latest = ckpt.latest_step()
     if latest is not None:  # checked before anything in the workdir is overwritten
-        _check_resumable(ckpt, latest, abstract, config, workdir)
+        _check_resumable(ckpt, latest, abstract, config, workdir, spec)
     if jax.process_index() == 0:
         orbax_io.write_model_config(workdir, mcfg)
+        if spec:  # what dsvl-convert needs to export the adapters (--to peft) or merge them (--merge)
+            lora_orbax.write_meta(workdir, spec, patterns)
         _copy_tokenizer(config.data.tokenizer, workdir)
         with open(os.path.join(workdir, "train_config.json.tmp"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -185,21 +192,29 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
     best = benchmarks.Best(workdir, config.keep_best, mcfg) if config.keep_best else None
     module = DeepseekVL(mcfg)
     if latest is not None:
-        state = ckpt.restore(latest, abstract_state(mcfg, mesh, tx, mask), it)
+        state = ckpt.restore(latest, abstract_state(mcfg, mesh, tx, mask, spec), it)
     else:
-        state = make_state(initial_params(config, mcfg, mesh), tx, mask, mesh, mcfg)
+        adapters = lora_run.initial_adapters(config, mcfg, mesh, spec) if spec else None
+        state = make_state(initial_params(config, mcfg, mesh), tx, mask, mesh, mcfg, adapters, spec)
+    what = f"stage {config.stage}"
+    if spec:
+        n_adapters = lora_run.count(state["lora"])
+        n_train, n_total = n_train + n_adapters, n_total + n_adapters
+        what = f"LoRA r={spec.rank} on {list(spec.targets)}" + (f" + {list(config.lora.full)} in full"
+                                                                if config.lora.full else "")
     start = latest or 0
     stop = config.stop_at_step or config.total_steps
     writer = MetricWriter(workdir, stop, start)
     if latest is not None:
         writer.log(f"resumed from {workdir} at step {latest}")
-    writer.log(f"{n_train:,} of {n_total:,} params trained (stage {config.stage}); mesh {dict(mesh.shape)}; "
+    writer.log(f"{n_train:,} of {n_total:,} params trained ({what}); mesh {dict(mesh.shape)}; "
                f"{num_tasks} task tags; steps {start}→{stop}"
                + (f" of a {config.total_steps}-step schedule" if stop < config.total_steps else "")
                + (" (nothing to train)" if start >= stop else ""))
 
     kw = dict(num_tasks=num_tasks, grad_accum=config.grad_accum, loss_chunk=config.loss_chunk)
-    steps = {t: jax.jit(make_train_step(module, tx, mask, lr_fn, text_only=t, **kw), donate_argnums=0)
+    steps = {t: jax.jit(make_train_step(module, tx, mask, lr_fn, text_only=t, lora_spec=spec, seed=config.seed,
+                                        **kw), donate_argnums=0)
              for t in (False, True)}
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops)
     # FLOPs actually computed: every image slot is encoded (padding slots too), text-only steps encode none.
@@ -241,9 +256,11 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
                 if log_now or save_now:  # one read of the counter a window (no device sync per step), and
                     _check_diverged(state, done, config, ckpt, workdir)  # a diverged state is never saved
                 if config.eval_every and done % config.eval_every == 0 and validate.sources(config, "eval_sources"):
-                    summary.update(evaluate(config, mcfg, module, state["params"], tokenizer, mesh, writer, done))
+                    summary.update(evaluate(config, mcfg, module, lora.with_adapters(state["params"], state.get("lora")),
+                                            tokenizer, mesh, writer, done, spec))
                 if bench and done % config.benchmark_every == 0:
-                    summary.update(_benchmark(bench, best, mcfg, state["params"], mesh, writer, workdir, done))
+                    live = lora.merge(state["params"], state["lora"], spec) if spec else state["params"]
+                    summary.update(_benchmark(bench, best, mcfg, live, mesh, writer, workdir, done))
                 if save_now:
                     ckpt.save(done, state, it, force=True)
                 if preempted:
@@ -279,12 +296,17 @@ def _check_diverged(state, done: int, config, ckpt: Checkpointer, workdir: str) 
             f"the last good checkpoint is step {ckpt.latest_step()} in {workdir}")
 
 
-def _check_resumable(ckpt: Checkpointer, step: int, abstract, config, workdir: str) -> None:
+def _check_resumable(ckpt: Checkpointer, step: int, abstract, config, workdir: str, spec=None) -> None:
     """The workdir's newest checkpoint fits this config: same param shapes, schedule not shorter than it."""
     if step > config.total_steps:
         raise validate.ConfigError(
             f"{workdir} holds checkpoint {step}, past config.total_steps={config.total_steps}: it was trained on a "
             f"longer schedule; keep total_steps ≥ {step} (config.stop_at_step stops earlier) or use a new workdir")
+    if ckpt.has_adapters(step) != (spec is not None):
+        raise validate.ConfigError(
+            f"{workdir} holds checkpoint {step} of a {'LoRA' if ckpt.has_adapters(step) else 'full'} run, and "
+            f"config.lora.rank={config.lora.rank} asks for {'LoRA' if spec else 'no LoRA'}: resume with the config "
+            f"it was trained with (its train_config.json) or use a new workdir")
     saved = ckpt.saved_param_shapes(step)
     want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract, sep="/").items()}
     missing, extra = sorted(set(want) - set(saved)), sorted(set(saved) - set(want))
@@ -362,11 +384,12 @@ def _benchmark(bench, best, mcfg, params, mesh, writer, workdir: str, step: int)
     return {f"bench/{k}": v for k, v in scalars.items()}
 
 
-def evaluate(config, mcfg, module, params, tokenizer, mesh, writer, step) -> dict:
-    """Loss on the held-out sources (one pass of `eval_steps` batches)."""
+def evaluate(config, mcfg, module, params, tokenizer, mesh, writer, step, lora_spec=None) -> dict:
+    """Loss on the held-out sources (one pass of `eval_steps` batches); a LoRA run's `params` hold the adapters."""
     it = data_loader.make_train_iterator(data_config(config, "eval_sources"), mcfg, tokenizer,
                                          batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed + 1)
-    fn = jax.jit(make_eval_step(module, num_tasks=len(it.task_vocabulary), loss_chunk=config.loss_chunk))
+    fn = jax.jit(make_eval_step(module, num_tasks=len(it.task_vocabulary), loss_chunk=config.loss_chunk,
+                                lora_spec=lora_spec))
     tot, cnt = 0.0, 0.0
     for _ in range(config.eval_steps):
         out = jax.device_get(fn(params, _device_batch(next(it), mesh, False)))

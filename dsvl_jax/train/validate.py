@@ -10,7 +10,7 @@ import jax
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.errors import ConfigError
 from dsvl_jax.state import abstract_params
-from dsvl_jax.train import benchmarks
+from dsvl_jax.train import benchmarks, lora_run
 from dsvl_jax.train.config_base import base
 from dsvl_jax.train.stages import GROUPS, UNUSED, count, patterns_for, trainable_mask
 
@@ -82,6 +82,15 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
     if shards < 0 or (shards and (shards % jax.process_count() or config.batch_size % shards)):
         raise ConfigError(f"config.data.shard_count={shards}: must be 0 (one per process) or a multiple of the "
                           f"{jax.process_count()} processes that divides config.batch_size={config.batch_size}")
+    if lora_run.enabled(config):  # the adapters are trained; stage / trainable are not used
+        lora_run.check(config, mcfg)
+    else:
+        _check_trainable(config, mcfg)
+    _check_rest(config, mcfg)
+    return mcfg
+
+
+def _check_trainable(config, mcfg: VLMConfig) -> None:
     if config.stage not in (1, 2, 3) and not config.trainable:
         raise ConfigError(f"config.stage={config.stage}: expected 1, 2 or 3, or an explicit config.trainable")
     for t in config.trainable:
@@ -96,6 +105,9 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
     if count(abstract, trainable_mask(abstract, pats))[0] == 0:
         raise ConfigError(f"stage {config.stage} with trainable={tuple(config.trainable)} trains nothing: "
                           f"the patterns {pats} match no parameter")
+
+
+def _check_rest(config, mcfg: VLMConfig) -> None:
     if config.total_steps <= 0:
         raise ConfigError(f"config.total_steps={config.total_steps} must be positive")
     if not 0 <= config.stop_at_step <= config.total_steps:
@@ -128,4 +140,3 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
         raise ConfigError(f"config.data.tokenizer={d.tokenizer!r} does not exist")
     if config.checkpoint.every <= 0 or config.checkpoint.keep <= 0:
         raise ConfigError("config.checkpoint.every and .keep must be positive")
-    return mcfg
