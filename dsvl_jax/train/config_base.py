@@ -21,7 +21,8 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
         from_pretrained="",  # a PyTorch checkpoint folder (HF-port or official layout)
         reinit=(),  # param path prefixes to take from a fresh init instead
     ))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: 0 = all
+    # devices: 0 = all. slices > 1: data/fsdp/tensor are per slice; the data axis spans the slices over DCN.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0, slices=1))
     c.batch_size = 256  # global, in rows
     c.seq_len = 1024
     c.total_steps = 1000  # the schedule's length (warm-up, decay) and where the run ends
