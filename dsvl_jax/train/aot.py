@@ -1,7 +1,12 @@
 r"""Ahead-of-time compile of a training config's train step for a Cloud TPU slice, on a CPU-only host.
 
     python tools/aot_compile.py --config configs/deepseek_vl_7b.py:stage2 --topology v5p:4x4x4 \
-        [--mesh data=1,fsdp=-1,tensor=1] [--batch N] [--grad-accum K] [--remat full] [--step-time S]
+        [--mesh data=1,fsdp=-1,tensor=1] [--batch N] [--grad-accum K] [--remat full] [--step-time S] \
+        [--remat-sam full --remat-siglip dots --remat-llm dots_no_batch] [--slices N]
+
+`--slices N` compiles for N copies of the slice joined by DCN (`get_topology_desc(..., num_slices=N)`, the
+mesh's data axis across the slices, `dsvl_jax.sharding.make_mesh(slices=N)`) and also prints the bytes each
+chip sends across DCN per step (`dsvl_jax.train.hlo_collectives`).
 
 (`tools/aot_compile.py` is the entry point; this module is its library: `compile_plan`, `abstract_batch`.)
 libtpu describes the slice (`jax.experimental.topologies`), the step is built exactly as the trainer
@@ -39,10 +44,15 @@ the per-shard Pallas kernel needs less HBM):
   v5p:2x2x2 (8)     fsdp=8       288         1       dots_no_batch  temporaries 376 GB (full remat: 367 GB)
   v5p:2x2x4 (16)    fsdp=16      144         1       dots_no_batch  temporaries 195 GB
   v5p:2x2x2 (8)     fsdp=8       288         1       dots_no_batch  text-only step: 9.92 + 0 + 33.4 = 43.4  fits
-With one row per chip per micro-batch on 8 and 16 chips (not 4 or 128) XLA plans hundreds of GB of
-temporaries that scale with the image slots (1 slot: 118 GB) and vanish without images (apparently the
-pixel micro-batches get replicated); use 2+ rows per chip there. A 128-chip compile takes 15-30 min and 5.3 GB
-of host RAM; one that does not fit fails in about a minute.
+The 118-376 GB rows (one row per chip per micro-batch on 8 and 16 chips) were not replicated pixels but
+the ViT patch embedding: an `nn.Conv` on NHWC images, whose C = 3 channel dim TPU pads to 128 lanes (43x
+the bytes), and XLA held that for every image of the step; the temporaries grew with the image slots and
+the micro-batches (about 0.3 GB an image) and vanished without images. The patch embedding is now a
+patchify + matmul (`dsvl_jax.models.common.PatchEmbed`, same params; the 768-wide patch vectors need no
+padding). The same layout afterwards (blockwise SAM, 30 layers):
+  v5p:2x2x2 (8)     fsdp=8       288         1       dots_no_batch  25.3 + 9.89 - 9.89 + 41.6 = 67.2  fits (1,209 s)
+(before: temporaries 376 GB; 1 LM layer: 351 GB before, 16.7 GiB after). A 128-chip compile takes 15-30 min
+and 5.3 GB of host RAM; one that does not fit fails in about a minute.
 
 FLOPs per step (analytic = the jaxpr count, exactly): model 4.385e17 (causal-halved 4.100e17; LLM 91%,
 lm_head 5.4%, SAM 2.2%, SigLIP 0.8%, aligner 0.15%); hardware 4.655e17 with dots_no_batch, 5.545e17 with
