@@ -3,8 +3,8 @@
 What a tower's policy changes is what its backward keeps: the residuals of the vjp, which the compiled step
 must hold from the forward to the backward (its activation memory). Counted here without computing anything
 (`jax.eval_shape` of the vjp closure's leaves) on the tiny 7B-layout model: full remat of one tower drops
-that tower's residuals and only those; a tower's own policy overrides the default. The compiled TPU memory
-moves the same way (tests/test_multislice_aot.py compiles one tower both ways, heavy).
+that tower's residuals and only those; a tower's own policy overrides the default. (The CPU compiler's
+memory_analysis is no measure here: its temp bytes rose with full SAM remat on this model.)
 """
 from __future__ import annotations
 
