@@ -16,6 +16,7 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 
 ADAPTER_TYPES = ("mlp_gelu", "low_high_hybrid_split_mlp_gelu", "linear", "identity")
 ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "silu")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "everything")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +113,19 @@ class VLMConfig:
     # Compute / parameter dtypes and memory policy (not part of the checkpoint).
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    remat_policy: str = "none"  # none | full | dots | dots_no_batch | everything: every tower's default
+    # Per tower ("" = remat_policy): SAM at 1,024 px holds the most activations, the LLM the most FLOPs.
+    remat_policy_sam: str = ""
+    remat_policy_siglip: str = ""
+    remat_policy_llm: str = ""
     sam_attention_impl: str = "auto"  # relpos attention for SAM global blocks: auto|pallas|blockwise|reference
 
     def __post_init__(self):
+        for key in ("remat_policy", "remat_policy_sam", "remat_policy_siglip", "remat_policy_llm"):
+            value = getattr(self, key)
+            if value not in REMAT_POLICIES and not (value == "" and key != "remat_policy"):
+                raise ValueError(f"{key}={value!r}: expected one of {REMAT_POLICIES}"
+                                 f"{'' if key == 'remat_policy' else ' or empty (= remat_policy)'}")
         if self.adapter not in ADAPTER_TYPES:
             raise ValueError(f"adapter={self.adapter!r}: expected one of {ADAPTER_TYPES}")
         if self.adapter == "low_high_hybrid_split_mlp_gelu" and self.sam is None:
@@ -138,6 +148,14 @@ class VLMConfig:
             raise ValueError(f"token_merge={self.token_merge}: expected 1 (off) or 2 (2x2 merge)")
         if self.token_merge == 2 and self.siglip.grid % 2:
             raise ValueError(f"token_merge=2 needs an even SigLIP grid, got {self.siglip.grid}")
+
+    def tower_remat(self, tower: str) -> str:
+        """The remat policy of one tower ('sam', 'siglip' or 'llm'): its own, else `remat_policy`."""
+        return getattr(self, f"remat_policy_{tower}") or self.remat_policy
+
+    def without_remat(self) -> "VLMConfig":
+        return dataclasses.replace(self, remat_policy="none", remat_policy_sam="", remat_policy_siglip="",
+                                   remat_policy_llm="")
 
     @property
     def is_hybrid(self) -> bool:

@@ -2,7 +2,9 @@
 
 Every parameter and the main activations carry logical axis names (see `models/`); this table maps
 them onto a 3-axis mesh (`data`, `fsdp`, `tensor`), so that changing the parallelism is a config
-change, not a model rewrite. A dimension that does not divide its mesh axes is replicated instead
+change, not a model rewrite. Across several slices (`slices` > 1) the same three axes stay: the `data`
+axis spans the slices over DCN (slice-major), while fsdp and tensor stay inside a slice on ICI, so the
+rules table is unchanged and only the data-parallel gradient reduction crosses DCN. A dimension that does not divide its mesh axes is replicated instead
 (tiny test models have 2 heads; a 1024-wide SigLIP on 3 tensor shards would not divide).
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -47,9 +50,7 @@ LOGICAL_RULES: tuple = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh with Auto axes; one size may be -1 (= the devices left over)."""
-    devices = list(jax.devices() if devices is None else devices)
+def _resolve_sizes(data, fsdp, tensor, n: int, where: str) -> list[int]:
     sizes = [data, fsdp, tensor]
     if sum(s == -1 for s in sizes) > 1:
         raise ValueError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): at most one axis may be -1")
@@ -57,14 +58,68 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
         raise ValueError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): sizes must be positive or -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) does not divide "
-                             f"{len(devices)} devices")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+        if n % known:
+            raise ValueError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) does not divide {n} devices{where}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
         raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
-                         f"does not match the {len(devices)} available devices")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+                         f"does not match the {n} available devices{where}")
+    return sizes
+
+
+def slice_groups(devices: Sequence[Any], slices: int) -> tuple[list[list[Any]], str]:
+    """The devices split into `slices` slices, and by what: "slice" (TPU `slice_index`), "process" (one
+    process a slice: the CPU multi-process test) or "order" (one process simulating slices, in device order)."""
+    if all(hasattr(d, "slice_index") for d in devices):
+        keys = sorted({d.slice_index for d in devices})
+        if len(keys) != slices:
+            raise ValueError(f"mesh slices={slices}: the {len(devices)} devices are in {len(keys)} slice(s)")
+        return [[d for d in devices if d.slice_index == k] for k in keys], "slice"
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) == slices:
+        return [[d for d in devices if d.process_index == k] for k in procs], "process"
+    if len(procs) > 1:
+        raise ValueError(f"mesh slices={slices}: devices without slice_index in {len(procs)} processes "
+                         f"(one process a slice is the only fallback)")
+    per = len(devices) // slices
+    return [list(devices[i * per:(i + 1) * per]) for i in range(slices)], "order"
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None,
+              slices: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh with Auto axes; one size may be -1 (= the devices left over).
+
+    slices > 1: the sizes are per slice and the mesh's data axis is slices x data, slice-major, built with
+    `mesh_utils.create_hybrid_device_mesh` (DCN between slices, ICI inside one)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not isinstance(slices, int) or slices < 1:
+        raise ValueError(f"mesh slices={slices!r}: must be a positive integer")
+    if slices == 1:
+        sizes = _resolve_sizes(data, fsdp, tensor, len(devices), "")
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    if len(devices) % slices:
+        raise ValueError(f"mesh slices={slices} does not divide the {len(devices)} devices")
+    groups, by = slice_groups(devices, slices)
+    if len({len(g) for g in groups}) != 1:
+        raise ValueError(f"mesh slices={slices}: the slices hold unequal device counts {[len(g) for g in groups]}")
+    sizes = _resolve_sizes(data, fsdp, tensor, len(groups[0]), f" of one slice (of {slices})")
+    flat = [d for g in groups for d in g]
+    if by == "slice":
+        grid = mesh_utils.create_hybrid_device_mesh(sizes, (slices, 1, 1), flat)
+    elif by == "process":
+        grid = mesh_utils.create_hybrid_device_mesh(sizes, (slices, 1, 1), flat, process_is_granule=True)
+    else:  # one process simulating slices (tests): each slice's devices in order
+        grid = np.concatenate([np.array(g, dtype=object).reshape(sizes) for g in groups], axis=0)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def mesh_slice_of(mesh: Mesh, slices: int) -> np.ndarray:
+    """For each device of `mesh` in its flat (partition id) order, the slice it belongs to (data is slice-major)."""
+    data = mesh.shape["data"]
+    if data % slices:
+        raise ValueError(f"mesh data axis {data} is not a multiple of slices={slices}")
+    idx = np.indices(mesh.devices.shape)[0] // (data // slices)
+    return idx.reshape(-1)
 
 
 def _mesh_axes_for(name, rules):

@@ -5,7 +5,8 @@ each process reading its own data shard (tpu/local_cluster.py starts them).
 - Data shards: one process reading 2 shards yields exactly the rows that 2 processes reading one each
   assemble into the global batch (`config.data.shard_count`), and resumes them exactly.
 - The two processes equal one process on 8 devices: the same records in every step, the same losses,
-  the same parameters (both read the corpus as 2 data shards).
+  the same parameters (both read the corpus as 2 data shards); also as two "slices" (`mesh.slices=2`,
+  the hybrid mesh with one process a slice: heavy).
 - kill -9 one of them mid-run: the other aborts within the heartbeat timeout, naming the cause.
 - Start both again: they resume from the last complete checkpoint and end as one process does.
 
@@ -61,19 +62,19 @@ def get_config(arg="stage2"):
     return path
 
 
-def _train_args(config_file: str, workdir: str) -> list[str]:
+def _train_args(config_file: str, workdir: str, extra=()) -> list[str]:
     return [f"--config={config_file}:stage2", f"--workdir={workdir}"] + \
-        [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+        [f"--config.{k}={v}" for k, v in OVERRIDES.items()] + list(extra)
 
 
-def _launch(config_file: str, workdir: str) -> local_cluster.Cluster:
+def _launch(config_file: str, workdir: str, extra=()) -> local_cluster.Cluster:
     env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")  # as tests/conftest.py sets in-process
     # Each launch compiles from scratch (the persistent cache cannot serve several CPU processes, see
     # tpu/local_cluster.py); a cheaper LLVM pipeline takes ~30% off that and leaves the float32 results as
     # they are at the tolerances below.
     env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     # the trainer CLI with the record-id log (records.<process>.log) of tests/helpers/record_log.py
-    return local_cluster.start(_train_args(config_file, workdir), num_processes=2, devices_per_process=4,
+    return local_cluster.start(_train_args(config_file, workdir, extra), num_processes=2, devices_per_process=4,
                                log_dir=workdir, heartbeat_timeout=HEARTBEAT, env=env, module="tests.helpers.record_log")
 
 
@@ -133,6 +134,16 @@ def two_processes(setup):
     root, *_, config_file = setup
     workdir = str(root / "two")
     _finish(_launch(config_file, workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def two_slices(setup):
+    """The pair as two "slices" (config.mesh.slices=2: one process a slice, the data axis across them, as
+    DCN spans TPU slices), never interrupted."""
+    root, *_, config_file = setup
+    workdir = str(root / "two_slices")
+    _finish(_launch(config_file, workdir, ["--config.mesh.slices=2"]))
     return workdir
 
 
@@ -229,6 +240,14 @@ def test_two_processes_through_a_restart_equal_one(one_process, killed_and_resum
 @pytest.mark.heavy
 def test_two_processes_equal_one(one_process, two_processes):
     _assert_equal_one(one_process, two_processes)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_two_processes_as_two_slices_equal_one(one_process, two_slices):
+    log = open(os.path.join(two_slices, "process_0.log")).read()
+    assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in log, log[-2000:]
+    _assert_equal_one(one_process, two_slices)
 
 
 @pytest.mark.slow

@@ -141,3 +141,35 @@ def test_the_workers_get_the_pinned_jax():
 
     pinned = re.search(r'"jax==([^"]+)"', open(os.path.join(REPO, "setup.py")).read()).group(1)
     assert launch.JAX_VERSION == pinned
+
+
+def test_multi_slice_dry_run_uses_one_queued_resource_and_reaches_every_slice(fake_gcloud, tmp_path):
+    env, log = fake_gcloud
+    r = _launch(POD + ["--spot", "--queued", "--slices", "2", "--bucket", "my-bkt", "--dry-run", "all", "--",
+                       *TRAIN], env, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not log.exists()
+    cmds = _commands(r.stdout)
+    verbs = [" ".join(c[:5]) if c[0] == "gcloud" else "bash" for c in cmds]
+    assert verbs == ["gcloud compute tpus queued-resources create", "gcloud compute tpus queued-resources describe",
+                     "bash", "gcloud compute tpus queued-resources scp"] + \
+        ["gcloud compute tpus queued-resources ssh"] * 4
+    create = cmds[0]
+    assert (_flag(create, "node-count"), _flag(create, "node-prefix")) == ("2", "dsvl")
+    assert not any(a.startswith("--node-id") for a in create) and "--spot" in create
+    assert cmds[3][6] == "dsvl:~/dsvl_jax_sync.tgz"
+    for c in cmds[3:]:
+        assert (_flag(c, "node"), _flag(c, "worker")) == ("all", "all") and c[5] in ("dsvl", cmds[3][5]), c
+    train = _flag(cmds[-1], "command")
+    started = shlex.split(train.split("setsid nohup ", 1)[1].split(" > ", 1)[0])
+    assert started == ["~/dsvl_venv/bin/dsvl-train", "--distributed", *TRAIN, "--config.mesh.slices=2"]
+    (logs,) = _commands(_launch(POD + ["--queued", "--slices", "2", "--node", "1", "--dry-run", "logs"], env,
+                                tmp_path).stdout)
+    assert (_flag(logs, "node"), _flag(logs, "worker")) == ("1", "0")
+
+
+def test_multi_slice_needs_a_queued_resource(fake_gcloud, tmp_path):
+    env, log = fake_gcloud
+    r = _launch(POD + ["--slices", "2", "create"], env, tmp_path)
+    assert r.returncode != 0 and "--slices 2" in r.stderr and "--queued" in r.stderr, r.stderr
+    assert not log.exists()

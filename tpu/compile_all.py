@@ -72,11 +72,11 @@ def _mesh_over_tensorcores():
     programs together stand for its megacore program (aot_compile adds their memory up per chip)."""
     strict = sharding.make_mesh
 
-    def make_mesh(data=-1, fsdp=1, tensor=1, devices=None):
+    def make_mesh(data=-1, fsdp=1, tensor=1, devices=None, slices=1):
         try:
-            return strict(data, fsdp, tensor, devices=devices)
+            return strict(data, fsdp, tensor, devices=devices, slices=slices)
         except AssertionError as e:
-            if "one device per chip" not in str(e):
+            if "one device per chip" not in str(e) or slices > 1:
                 raise
         sizes = [data, fsdp, tensor]
         if -1 in sizes:

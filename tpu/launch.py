@@ -14,6 +14,11 @@ Subcommands: create | install | sync | mount | train | logs | stop | status | de
 sync, install, mount when --bucket is given, train). `--dry-run` prints every command (one per line,
 shell-quoted) and calls nothing. Starting `train` again after a preemption resumes from the last
 complete checkpoint in --workdir.
+
+Multi-slice (`--slices N`, needs `--queued`): one queued resource with N slices of --accelerator joined by
+DCN (`--node-count=N --node-prefix=NAME`: slices NAME-0 ... NAME-{N-1}); every worker of every slice is
+reached through `queued-resources ssh/scp --node=all --worker=all`, and `train` adds
+`--config.mesh.slices=N` (the data axis spans the slices; fsdp and tensor stay inside one).
 """
 from __future__ import annotations
 
@@ -85,7 +90,8 @@ class Tpu:
         a = self.a
         acc, version = accelerator_type(a.accelerator), a.runtime_version or runtime_version(a.accelerator)
         if a.queued:
-            cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", a.name, f"--node-id={a.name}",
+            nodes = [f"--node-count={a.slices}", f"--node-prefix={a.name}"] if a.slices > 1 else [f"--node-id={a.name}"]
+            cmd = ["gcloud", "compute", "tpus", "queued-resources", "create", a.name, *nodes,
                    *self.where, f"--accelerator-type={acc}", f"--runtime-version={version}"]
             if a.spot:
                 cmd.append("--spot")
@@ -128,9 +134,15 @@ class Tpu:
             self.r.run(["gcloud", "compute", "tpus", "tpu-vm", "delete", self.a.name, *self.where, "--quiet"])
 
     # -- on the workers ----------------------------------------------------------------------------
-    def ssh(self, command: str, worker: str = "all", check: bool = True):
-        return self.r.run(["gcloud", "compute", "tpus", "tpu-vm", "ssh", self.a.name, *self.where,
-                           f"--worker={worker}", f"--command={command}"], check=check)
+    def _on_workers(self, verb: str, worker: str, node: str = "all") -> list[str]:
+        """`tpu-vm ssh|scp` on one slice; `queued-resources ssh|scp` with --node across the slices."""
+        if self.a.slices > 1:
+            return ["gcloud", "compute", "tpus", "queued-resources", verb, f"--node={node}", f"--worker={worker}"]
+        return ["gcloud", "compute", "tpus", "tpu-vm", verb, f"--worker={worker}"]
+
+    def ssh(self, command: str, worker: str = "all", check: bool = True, node: str = "all"):
+        head = self._on_workers("ssh", worker, node)
+        return self.r.run(head[:5] + [self.a.name, *self.where] + head[5:] + [f"--command={command}"], check=check)
 
     def install(self):
         """A venv per worker with the project's pinned versions and the libtpu built for the pinned jax."""
@@ -151,8 +163,8 @@ class Tpu:
         tarball = os.path.join(self.a.tmp_dir, SYNC_TARBALL)
         self.r.run(["bash", "-c", f"git -C {shlex.quote(REPO)} ls-files -z --cached --others --exclude-standard | "
                                   f"tar -C {shlex.quote(REPO)} --null -T - -czf {shlex.quote(tarball)}"])
-        self.r.run(["gcloud", "compute", "tpus", "tpu-vm", "scp", tarball, f"{self.a.name}:~/{SYNC_TARBALL}",
-                    *self.where, "--worker=all"])
+        head = self._on_workers("scp", "all")
+        self.r.run(head[:5] + [tarball, f"{self.a.name}:~/{SYNC_TARBALL}", *self.where] + head[5:])
         self.ssh(f"mkdir -p ~/{REMOTE_DIR} && tar -xzf ~/{SYNC_TARBALL} -C ~/{REMOTE_DIR}")
 
     def mount(self):
@@ -174,6 +186,8 @@ class Tpu:
 
     def train(self, train_args: list[str]):
         """`dsvl-train --distributed ARGS` in the background on every worker (log and pid in ~)."""
+        if self.a.slices > 1 and not any(t.startswith("--config.mesh.slices") for t in train_args):
+            train_args = [*train_args, f"--config.mesh.slices={self.a.slices}"]
         cmd = f"~/{REMOTE_VENV}/bin/dsvl-train --distributed {shlex.join(train_args)}"  # ~ left for the shell
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.a.env)
         self.ssh(f"cd ~/{REMOTE_DIR} && {env + ' ' if env else ''}setsid nohup {cmd} > ~/{LOG} 2>&1 < /dev/null "
@@ -182,7 +196,7 @@ class Tpu:
 
     def logs(self):
         self.ssh(f"tail -n {self.a.lines} {'-f ' if self.a.follow else ''}~/{LOG}", worker=self.a.worker,
-                 check=False)
+                 check=False, node=self.a.node)
 
     def stop(self):
         """SIGTERM: the trainer saves a checkpoint at the end of the current step and exits (all workers agree)."""
@@ -193,6 +207,7 @@ class Tpu:
         flags = [f"--zone={a.zone}", f"--name={a.name}", f"--accelerator={a.accelerator}"]
         flags += [f"--project={a.project}"] if a.project else []
         flags += ["--queued"] if a.queued else []
+        flags += [f"--slices={a.slices}"] if a.slices > 1 else []
         return shlex.join(["python", "tpu/launch.py", *flags, sub])
 
 
@@ -213,6 +228,8 @@ def parse(argv: list[str]):
     p.add_argument("--runtime-version", default=None, help="default: the generation's JAX base image")
     p.add_argument("--spot", action="store_true", help="spot capacity (cheaper; can be preempted at any time)")
     p.add_argument("--queued", action="store_true", help="request through a queued resource (waits for capacity)")
+    p.add_argument("--slices", type=int, default=1, help="multi-slice: this many slices of --accelerator joined by "
+                   "DCN, one queued resource (needs --queued)")
     p.add_argument("--valid-until", default=None, help="queued: give up after this long, e.g. 6h")
     p.add_argument("--wait-hours", type=float, default=24.0, help="queued: how long `create` waits for ACTIVE")
     p.add_argument("--poll-seconds", type=int, default=60)
@@ -221,12 +238,16 @@ def parse(argv: list[str]):
     p.add_argument("--env", action="append", default=[], type=lambda s: tuple(s.split("=", 1)), metavar="K=V",
                    help="environment for dsvl-train on every worker (repeatable)")
     p.add_argument("--worker", default="0", help="logs: which worker (a number or all)")
+    p.add_argument("--node", default="0", help="logs with --slices: which slice (a number or all)")
     p.add_argument("--lines", type=int, default=100)
     p.add_argument("--no-follow", dest="follow", action="store_false")
     p.add_argument("--tmp-dir", default="/tmp", help="where `sync` writes its tarball locally")
     p.add_argument("--dry-run", action="store_true", help="print every command, call nothing")
     args = p.parse_args(argv)
     accelerator_type(args.accelerator)  # fail on a bad name before anything runs
+    if args.slices < 1 or (args.slices > 1 and not args.queued):
+        raise SystemExit(f"--slices {args.slices}: a positive number, and more than 1 needs --queued "
+                         f"(multi-slice capacity comes only through a queued resource)")
     for kv in args.env:
         if len(kv) != 2 or not kv[0]:
             raise SystemExit(f"--env {'='.join(kv)!r}: expected KEY=VALUE")

@@ -44,10 +44,33 @@ def patch_embed(pixels, cfg, *, dtype, param_dtype, name="patch_embed"):
     if tuple(pixels.shape[1:]) != want:
         raise ValueError(f"{type(cfg).__name__[:-6]} expects images [B, {want[0]}, {want[1]}, {want[2]}], "
                          f"got {tuple(pixels.shape)}")
-    p = cfg.patch_size
-    return nn.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=dtype, param_dtype=param_dtype,
-                   precision=None, kernel_init=boxed(normal(), ("conv_kernel", "conv_kernel", "conv_in", "vis_embed")),
-                   bias_init=boxed(nn.initializers.zeros, ("vis_embed",)), name=name)(pixels.astype(dtype))
+    return PatchEmbed(cfg.patch_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, name=name)(pixels)
+
+
+class PatchEmbed(nn.Module):
+    """The p×p stride-p conv as patchify + one matmul: [N, H, W, C] → [N, H/p, W/p, D].
+
+    Same params as `nn.Conv` (kernel [p, p, C, D], bias [D]). Written as a reshape to [N, H/p, W/p, p·p·C]
+    because a conv wants its input laid out NHWC, and on TPU an NHWC image with C = 3 pads the channel
+    (lane) dim to 128: 43x the pixels' bytes, which XLA then holds for every image of every micro-batch
+    when it hoists the layout change out of the gradient-accumulation loop (tools/aot_compile.py's
+    one-row-per-chip anomaly). The patch vectors (p·p·C = 768 wide) need no padding."""
+
+    patch: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        p = self.patch
+        kernel = self.param("kernel", boxed(normal(), ("conv_kernel", "conv_kernel", "conv_in", "vis_embed")),
+                            (p, p, c, self.features), self.param_dtype)
+        bias = self.param("bias", boxed(nn.initializers.zeros, ("vis_embed",)), (self.features,), self.param_dtype)
+        x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // p, w // p, p * p * c)
+        y = jnp.dot(x.astype(self.dtype), kernel.reshape(p * p * c, self.features).astype(self.dtype))
+        return y + bias.astype(self.dtype)
 
 
 class LayerNorm(nn.Module):

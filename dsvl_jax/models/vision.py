@@ -56,10 +56,10 @@ class VisionTowers(nn.Module):
 
     def setup(self):
         c = self.cfg
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=c.remat_policy)
-        self.siglip = SiglipTower(c.siglip, **kw)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.siglip = SiglipTower(c.siglip, remat_policy=c.tower_remat("siglip"), **kw)
         if c.sam is not None:
-            self.sam = SamTower(c.sam, c.hd_output_size, c.sam_attention_impl, **kw)
+            self.sam = SamTower(c.sam, c.hd_output_size, c.sam_attention_impl, remat_policy=c.tower_remat("sam"), **kw)
             if c.unused_hybrid_norms:
                 # The official HybridVisionTower builds these two LayerNorms and never calls them; the 7B
                 # checkpoints store them. Kept only so that conversion is lossless.

@@ -1,7 +1,12 @@
 r"""Ahead-of-time compile of a training config's train step for a Cloud TPU slice, on a CPU-only host.
 
     python tools/aot_compile.py --config configs/deepseek_vl_7b.py:stage2 --topology v5p:4x4x4 \
-        [--mesh data=1,fsdp=-1,tensor=1] [--batch N] [--grad-accum K] [--remat full] [--step-time S]
+        [--mesh data=1,fsdp=-1,tensor=1] [--batch N] [--grad-accum K] [--remat full] [--step-time S] \
+        [--remat-sam full --remat-siglip dots --remat-llm dots_no_batch] [--slices N]
+
+`--slices N` compiles for N copies of the slice joined by DCN (`get_topology_desc(..., num_slices=N)`, the
+mesh's data axis across the slices, `dsvl_jax.sharding.make_mesh(slices=N)`) and also prints the bytes each
+chip sends across DCN per step (`dsvl_jax.train.hlo_collectives`).
 
 (`tools/aot_compile.py` is the entry point; this module is its library: `compile_plan`, `abstract_batch`.)
 libtpu describes the slice (`jax.experimental.topologies`), the step is built exactly as the trainer
@@ -39,10 +44,15 @@ the per-shard Pallas kernel needs less HBM):
   v5p:2x2x2 (8)     fsdp=8       288         1       dots_no_batch  temporaries 376 GB (full remat: 367 GB)
   v5p:2x2x4 (16)    fsdp=16      144         1       dots_no_batch  temporaries 195 GB
   v5p:2x2x2 (8)     fsdp=8       288         1       dots_no_batch  text-only step: 9.92 + 0 + 33.4 = 43.4  fits
-With one row per chip per micro-batch on 8 and 16 chips (not 4 or 128) XLA plans hundreds of GB of
-temporaries that scale with the image slots (1 slot: 118 GB) and vanish without images (apparently the
-pixel micro-batches get replicated); use 2+ rows per chip there. A 128-chip compile takes 15-30 min and 5.3 GB
-of host RAM; one that does not fit fails in about a minute.
+The 118-376 GB rows (one row per chip per micro-batch on 8 and 16 chips) were not replicated pixels but
+the ViT patch embedding: an `nn.Conv` on NHWC images, whose C = 3 channel dim TPU pads to 128 lanes (43x
+the bytes), and XLA held that for every image of the step; the temporaries grew with the image slots and
+the micro-batches (about 0.3 GB an image) and vanished without images. The patch embedding is now a
+patchify + matmul (`dsvl_jax.models.common.PatchEmbed`, same params; the 768-wide patch vectors need no
+padding). The same layout afterwards (blockwise SAM, 30 layers):
+  v5p:2x2x2 (8)     fsdp=8       288         1       dots_no_batch  25.3 + 9.89 - 9.89 + 41.6 = 67.2  fits (1,209 s)
+(before: temporaries 376 GB; 1 LM layer: 351 GB before, 16.7 GiB after). A 128-chip compile takes 15-30 min
+and 5.3 GB of host RAM; one that does not fit fails in about a minute.
 
 FLOPs per step (analytic = the jaxpr count, exactly): model 4.385e17 (causal-halved 4.100e17; LLM 91%,
 lm_head 5.4%, SAM 2.2%, SigLIP 0.8%, aligner 0.15%); hardware 4.655e17 with dots_no_batch, 5.545e17 with
@@ -63,10 +73,11 @@ import jax.numpy as jnp
 from jax.experimental import topologies
 
 from dsvl_jax import sharding
+from dsvl_jax.config import REMAT_POLICIES
 from dsvl_jax.data.transforms import DEFAULT_TASKS
 from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.state import abstract_state, param_shardings
-from dsvl_jax.train import flops, lora_run, stages, validate
+from dsvl_jax.train import flops, hlo_collectives, lora_run, stages, validate
 from dsvl_jax.train.config_files import load_config
 from dsvl_jax.train.optimizer import make_optimizer
 from dsvl_jax.train.step import make_train_step
@@ -84,21 +95,24 @@ def parse_mesh(text: str | None, config) -> tuple[int, int, int]:
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
 
-def describe_topology(name: str, use_chips: int | None = None):
-    """(devices, generation, chips) of a TPU slice such as 'v5p:4x4x4'; `use_chips`: only its first chips."""
+def describe_topology(name: str, use_chips: int | None = None, slices: int = 1):
+    """(devices, generation, chips) of a TPU slice such as 'v5p:4x4x4' (`slices` of them: chips of all;
+    their devices carry `slice_index`); `use_chips`: only the first chips of one slice."""
     gen, _, shape = name.partition(":")
     if gen not in HBM_GIB or not shape:
         raise SystemExit(f"--topology {name!r}: expected <generation>:<AxBxC> with generation in {sorted(HBM_GIB)}")
     try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name, num_slices=slices)
     except Exception as e:  # libtpu missing, or a shape it does not know
         raise SystemExit(f"--topology {name}: libtpu cannot describe it ({type(e).__name__}: {e})")
     devices, chips = list(topo.devices), math.prod(int(x) for x in shape.split("x"))
     if use_chips:
+        if slices > 1:
+            raise SystemExit(f"--use-chips with --slices {slices}: compile whole slices")
         if not 0 < use_chips <= chips:
             raise SystemExit(f"--use-chips {use_chips}: the slice {name} has {chips} chips")
         devices, chips = devices[:len(devices) // chips * use_chips], use_chips
-    return devices, gen, chips
+    return devices, gen, chips * slices
 
 
 def abstract_batch(cfg, mesh, batch: int, seq_len: int, images_per_row: int, text_only: bool):
@@ -134,6 +148,8 @@ class Plan:
     seq_len: int
     grad_accum: int
     remat: str
+    remat_towers: dict  # tower -> the policy it compiled with
+    slices: int
     layers: int
     images_per_row: int
     argument_gib: float
@@ -149,6 +165,7 @@ class Plan:
     hardware_flops: float  # analytic + remat / loss-chunk recompute + kernel overhead
     peak_flops_per_device: float | None
     compile_s: float
+    dcn: dict | None = None  # slices > 1: the DCN-crossing collectives (dsvl_jax.train.hlo_collectives.dcn_summary)
     compiled: object = dataclasses.field(default=None, repr=False, compare=False)  # jax Compiled; not in JSON
 
     @property
@@ -163,14 +180,21 @@ class Plan:
 
 def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=None, grad_accum=None,
                  remat=None, layers=None, images_per_row=None, text_only=False, sam_impl="pallas",
-                 count_jaxpr=True, use_chips=None) -> Plan:
-    """Compile `config`'s train step for `topology` (mesh, batch and the rest default to the config's);
-    raises SystemExit naming the flag for bad arguments and `DoesNotFit` when the step exceeds HBM."""
-    devices, gen, chips = describe_topology(topology, use_chips)
+                 count_jaxpr=True, use_chips=None, slices=None, remat_towers=None) -> Plan:
+    """Compile `config`'s train step for `topology` (mesh, batch and the rest default to the config's;
+    `slices` copies of the slice joined by DCN, the mesh sizes then per slice; `remat_towers`:
+    {'sam'|'siglip'|'llm': policy} over `remat`); raises SystemExit naming the flag for bad arguments and
+    `DoesNotFit` when the step exceeds HBM."""
+    slices = slices or config.mesh.get("slices", 1)
+    devices, gen, chips = describe_topology(topology, use_chips, slices)
     cfg = validate.model_config(config)
     over = {"sam_attention_impl": sam_impl} if cfg.sam is not None else {}
     if remat:
         over["remat_policy"] = remat
+    for tower, policy in (remat_towers or {}).items():
+        if tower not in ("sam", "siglip", "llm"):
+            raise SystemExit(f"--remat-{tower}: no such tower (sam, siglip, llm)")
+        over[f"remat_policy_{tower}"] = policy
     if layers:
         over["text"] = dataclasses.replace(cfg.text, num_hidden_layers=layers)
     cfg = cfg.replace(**over)
@@ -180,9 +204,9 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
     images_per_row = images_per_row or config.data.max_images_per_row
     data, fsdp, tensor = mesh_sizes or (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     try:
-        mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices)
+        mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices, slices=slices)
     except ValueError as e:
-        raise SystemExit(f"--mesh: {e}")
+        raise SystemExit(f"--mesh / --slices: {e}")
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % (shards * grad_accum):
         raise SystemExit(f"--batch {batch} is not divisible by data x fsdp ({shards}) x grad_accum ({grad_accum})")
@@ -209,6 +233,7 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
                              f"{cfg.remat_policy}: {e}") from None
         compile_s = time.perf_counter() - t0
         jaxpr_flops = flops.traced_matmul_flops(jitted, state, inputs) if count_jaxpr else float("nan")
+    dcn = hlo_collectives.dcn_summary(compiled.as_text(), slices) if slices > 1 else None
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     gib = lambda b: b / 2 ** 30
@@ -221,7 +246,9 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
     per_chip_devices = len(devices) // chips  # v4 topologies list both TensorCores of a chip
     peak = flops.peak_flops_per_device(devices[0].device_kind)
     return Plan(topology=topology, chips=chips, devices=len(devices), mesh=dict(mesh.shape), batch=batch,
-                seq_len=seq_len, grad_accum=grad_accum, remat=cfg.remat_policy, layers=cfg.text.num_hidden_layers,
+                seq_len=seq_len, grad_accum=grad_accum, remat=cfg.remat_policy,
+                remat_towers={t: cfg.tower_remat(t) for t in ("sam", "siglip", "llm")}, slices=slices,
+                layers=cfg.text.num_hidden_layers,
                 images_per_row=0 if text_only else images_per_row,
                 argument_gib=gib(mem.argument_size_in_bytes), output_gib=gib(mem.output_size_in_bytes),
                 alias_gib=gib(mem.alias_size_in_bytes), temp_gib=gib(mem.temp_size_in_bytes),
@@ -230,13 +257,15 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
                 model_flops=analytic["total"], model_flops_causal=analytic["total_causal"],
                 hardware_flops=analytic["total_hardware"],
                 peak_flops_per_device=None if peak is None else peak / per_chip_devices, compile_s=compile_s,
-                compiled=compiled)
+                dcn=dcn, compiled=compiled)
 
 
 def format_plan(p: Plan, step_time: float | None = None) -> str:
+    towers = ", ".join(f"{t} {v}" for t, v in p.remat_towers.items() if v != p.remat)
     lines = [
+        f"{p.slices} x " * (p.slices > 1) +
         f"{p.topology}: {p.chips} chips ({p.devices} devices), mesh {p.mesh}; batch {p.batch} x {p.seq_len} tokens, "
-        f"{p.images_per_row} image slot(s)/row, grad_accum {p.grad_accum}, remat {p.remat}, {p.layers} LM layers "
+        f"{p.images_per_row} image slot(s)/row, grad_accum {p.grad_accum}, remat {p.remat}{f' ({towers})' if towers else ''}, {p.layers} LM layers "
         f"(compiled in {p.compile_s:.0f} s)",
         f"  memory per chip: arguments {p.argument_gib:.3g} GiB, outputs {p.output_gib:.3g}, aliased (donated) "
         f"{p.alias_gib:.3g}, temp {p.temp_gib:.3g} -> total {p.total_gib:.3g} GiB of {p.hbm_gib:.0f} GiB HBM "
@@ -245,6 +274,8 @@ def format_plan(p: Plan, step_time: float | None = None) -> str:
         f"analytic hardware {p.hardware_flops:.4g}, jaxpr matmuls {p.jaxpr_flops:.4g}, "
         f"XLA cost analysis {p.xla_flops:.4g} (loop bodies counted once)",
     ]
+    if p.dcn is not None:
+        lines.append("  " + hlo_collectives.format_summary(p.dcn))
     if p.peak_flops_per_device:
         peak = p.peak_flops_per_device * p.devices
         if step_time:
@@ -266,7 +297,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, help="global batch in rows (default: the config's)")
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--grad-accum", type=int)
-    ap.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch", "everything"))
+    ap.add_argument("--remat", choices=REMAT_POLICIES, help="every tower's policy (default: the config's)")
+    for tower in ("sam", "siglip", "llm"):
+        ap.add_argument(f"--remat-{tower}", choices=REMAT_POLICIES, help=f"the {tower} tower's own policy")
+    ap.add_argument("--slices", type=int, help="this many copies of --topology joined by DCN (multi-slice); the "
+                    "mesh sizes are then per slice and the data axis spans the slices")
     ap.add_argument("--layers", type=int, help="LM layers (fewer: to estimate compile cost / scaling)")
     ap.add_argument("--images-per-row", type=int, help="image slots per row (default: data.max_images_per_row)")
     ap.add_argument("--text-only", action="store_true", help="compile the text-only step (no vision towers)")
@@ -284,7 +319,9 @@ def main(argv=None) -> int:
         plan = compile_plan(config, args.topology, parse_mesh(args.mesh, config), batch=args.batch,
                             seq_len=args.seq_len, grad_accum=args.grad_accum, remat=args.remat, layers=args.layers,
                             images_per_row=args.images_per_row, text_only=args.text_only, sam_impl=args.sam_impl,
-                            count_jaxpr=not args.no_jaxpr_count, use_chips=args.use_chips)
+                            count_jaxpr=not args.no_jaxpr_count, use_chips=args.use_chips, slices=args.slices,
+                            remat_towers={t: getattr(args, f"remat_{t}") for t in ("sam", "siglip", "llm")
+                                          if getattr(args, f"remat_{t}")})
     except DoesNotFit as e:
         print(f"DOES NOT FIT: {e}")
         if args.json:

@@ -27,7 +27,8 @@ def base(model: VLMConfig) -> ml_collections.ConfigDict:
     # from_peft: a PEFT adapter folder (dsvl-convert --to peft) to start the adapters from.
     c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("llm",), full=(),
                                             from_peft=""))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0))  # devices: 0 = all
+    # devices: 0 = all. slices > 1: data/fsdp/tensor are per slice; the data axis spans the slices over DCN.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, devices=0, slices=1))
     c.batch_size = 256  # global, in rows
     c.seq_len = 1024
     c.total_steps = 1000  # the schedule's length (warm-up, decay) and where the run ends

@@ -87,7 +87,7 @@ def conv_valid_taps(size: int, kernel: int, stride: int, pad: int) -> int:
 @functools.lru_cache(maxsize=16)
 def _trainable_paths(cfg: VLMConfig, patterns: tuple) -> frozenset:
     """Paths of the trained params, from the real (abstract) param tree and the trainer's own mask."""
-    arch = cfg.replace(dtype="float32", param_dtype="float32", remat_policy="none")
+    arch = cfg.without_remat().replace(dtype="float32", param_dtype="float32")
     params = nn.meta.unbox(abstract_params(arch))
     mask = traverse_util.flatten_dict(trainable_mask(params, patterns), sep="/")
     return frozenset(k for k, m in mask.items() if m)
@@ -96,8 +96,8 @@ def _trainable_paths(cfg: VLMConfig, patterns: tuple) -> frozenset:
 class _Tally:
     """FLOPs per part and phase, with the AD rules for what the backward computes."""
 
-    def __init__(self, trained: frozenset, remat: str):
-        self.trained, self.remat = trained, remat
+    def __init__(self, trained: frozenset, remat):
+        self.trained, self.remat = trained, remat  # remat: tower ('sam', 'siglip', 'llm') -> policy
         self.fwd, self.bwd = defaultdict(float), defaultdict(float)
         self.recompute, self.overhead = defaultdict(float), defaultdict(float)
         self.llm_attention = 0.0
@@ -198,7 +198,7 @@ def _vit_block(T: _Tally, part, prefix, x_tan, *, n_attn, seq, d_model, d_mlp, h
     all_but_last = 3 * 2 * rows * d_model * heads * hd + attn + (qk if attn else 0.0) \
         + 2 * rows * heads * hd * d_model \
         + 2 * rows_mlp * d_model * d_mlp
-    T.recompute[part] += _block_recompute(T.remat, out, batch_dots=batch_dots, out_dot=qk if global_impl is None
+    T.recompute[part] += _block_recompute(T.remat(part), out, batch_dots=batch_dots, out_dot=qk if global_impl is None
                                           else 0.0, proj_trained=T.tr(prefix + "/proj/kernel"),
                                           all_but_last=all_but_last, custom_attention=custom)
     return out
@@ -293,7 +293,7 @@ def _decoder(T: _Tally, cfg: VLMConfig, b: int, t: int, x_tan: bool) -> bool:
         out = x1 or down
         proj_qkv = 2 * rows * d * (nh + 2 * nkv) * hd
         T.recompute["llm"] += _block_recompute(
-            T.remat, out, batch_dots=qk, out_dot=qk, proj_trained=T.tr(pre + "/self_attn/o_proj"),
+            T.remat("llm"), out, batch_dots=qk, out_dot=qk, proj_trained=T.tr(pre + "/self_attn/o_proj"),
             all_but_last=proj_qkv + 2 * qk + 2 * rows * nh * hd * d + 4 * rows * d * c.intermediate_size)
         x = out
     return x or T.tr("language_model/norm")
@@ -327,7 +327,7 @@ def train_flops_per_step(cfg: VLMConfig, *, batch_rows: int, seq_len: int, image
                            ("images_per_step", images_per_step, 0), ("num_tasks", num_tasks, 1)):
         if int(val) != val or val < low:
             raise ValueError(f"train_flops_per_step: {name}={val!r} must be an integer >= {low}")
-    T = _Tally(_trainable_paths(cfg, tuple(trainable_patterns)), cfg.remat_policy)
+    T = _Tally(_trainable_paths(cfg, tuple(trainable_patterns)), cfg.tower_remat)
     feats_t = False
     if not text_only and images_per_step:
         n = int(images_per_step)

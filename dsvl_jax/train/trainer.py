@@ -106,7 +106,7 @@ def _fill_missing(loaded, fresh):
 
 
 def _arch(cfg: VLMConfig):
-    return dataclasses.replace(cfg, dtype="float32", param_dtype="float32", remat_policy="none",
+    return dataclasses.replace(cfg.without_remat(), dtype="float32", param_dtype="float32",
                                sam_attention_impl="auto", unused_hybrid_norms=False)
 
 
@@ -151,7 +151,8 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
     mcfg = validate.check(config)
     os.makedirs(workdir, exist_ok=True)
     devices = jax.devices()[:config.mesh.devices] if config.mesh.devices else None
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
+                              slices=config.mesh.get("slices", 1))
     tokenizer = Tokenizer.from_file(config.data.tokenizer)
     if tokenizer.image_token_id != mcfg.image_token_id or tokenizer.vocab_size > mcfg.text.vocab_size:
         raise validate.ConfigError(

@@ -63,6 +63,10 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
         if not 0 < m.devices <= n or jax.process_count() > 1:
             raise ConfigError(f"config.mesh.devices={m.devices}: must be in 1..{n} (and single-process)")
         n = m.devices
+    slices = m.get("slices", 1)
+    if not isinstance(slices, int) or slices < 1 or n % slices:
+        raise ConfigError(f"config.mesh.slices={slices}: must be a positive integer dividing the {n} devices")
+    n //= slices  # data, fsdp and tensor are sizes inside one slice
     sizes = [m.data, m.fsdp, m.tensor]
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"config.mesh {dict(m)}: sizes must be positive, at most one -1")
@@ -70,9 +74,10 @@ def check(config, *, device_count: int | None = None) -> VLMConfig:
     for s in sizes:
         known *= s if s != -1 else 1
     if n % known or (-1 not in sizes and known != n):
-        raise ConfigError(f"config.mesh data={m.data} fsdp={m.fsdp} tensor={m.tensor} does not divide the {n} devices")
+        raise ConfigError(f"config.mesh data={m.data} fsdp={m.fsdp} tensor={m.tensor} does not divide the {n} devices"
+                          f"{f' of one slice (slices={slices})' if slices > 1 else ''}")
     full = [s if s != -1 else n // known for s in sizes]
-    batch_shards = full[0] * full[1]
+    batch_shards = slices * full[0] * full[1]
     if config.batch_size <= 0 or config.batch_size % (batch_shards * config.grad_accum):
         raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by data×fsdp={batch_shards} × "
                           f"grad_accum={config.grad_accum}")
