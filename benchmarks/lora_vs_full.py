@@ -2,7 +2,9 @@
 adaptor + SigLIP) on the tiny config, on this machine's CPU: trainable params, optimizer-state bytes and train-step
 time, as LoRA / full ratios, measured in one run.
 
-    .venv/bin/python benchmarks/lora_vs_full.py [--rank 16] [--steps 10] [--batch 8] [--seq-len 96]
+    .venv/bin/python benchmarks/lora_vs_full.py [--rank 16] [--steps 10] [--batch 8] [--seq-len 96] [--dry-run]
+
+`--dry-run` (what `make test` runs): r = 4, one timed step of 2 rows x 48 tokens.
 
 Both steps are the trainer's (`make_train_step` over `make_state`), jit-compiled once, on one CPU device, on the
 same random multimodal batch (one image slot a row). The time is the median of `--steps` steps after a warm-up.
@@ -84,7 +86,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=96)
+    p.add_argument("--dry-run", action="store_true", help="r = 4, one step of 2 x 48 tokens")
     args = p.parse_args(argv)
+    if args.dry_run:
+        args.rank, args.steps, args.batch, args.seq_len = 4, 1, 2, 48
     jax.config.update("jax_default_matmul_precision", "highest")
     cfg = tiny()
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
