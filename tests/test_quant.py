@@ -26,14 +26,14 @@ def fp32():
     """A text-only tiny model with its random init (std 0.02), and 16 random prompts."""
     cfg = C.tiny(hybrid=False)
     ids, images = dummy_inputs(cfg)
-    params = nn.meta.unbox(DeepseekVL(cfg).init(jax.random.key(0), ids, **images)["params"])
+    params = jax.jit(lambda key: nn.meta.unbox(DeepseekVL(cfg).init(key, ids, **images)["params"]))(jax.random.key(0))
     prompts = np.random.default_rng(0).integers(0, cfg.image_token_id - 1, (PROMPTS, PROMPT_LEN))
     return VLM(cfg, params), prompts
 
 
 def _logits(vlm, ids):
     """Text-only forward through the module (generated ids may include the image token id)."""
-    return np.asarray(vlm.module.apply({"params": vlm.params}, ids))
+    return np.asarray(jax.jit(vlm.module.apply)({"params": vlm.params}, ids))
 
 
 def test_quantize_array_is_per_output_channel_symmetric():
@@ -48,6 +48,19 @@ def test_quantize_array_is_per_output_channel_symmetric():
     assert np.all(err <= s[:, None] / 2 * (1 + 1e-6))  # rounding: at most half a step
 
 
+def test_int8_forward_is_fp32_on_dequantized_weights(fp32):
+    """The cheap check: int8 matmul + scale == float matmul on q * scale (float32 rounding only), and
+    close to fp32 on the original weights (bound derived in the heavy test below)."""
+    vlm, prompts = fp32
+    q = vlm.with_weights("int8")
+    assert q.weights == "int8" and q.with_weights("int8") is q and vlm.with_weights("fp32") is vlm
+    quant, base = _logits(q, prompts), _logits(vlm, prompts)
+    deq = _logits(VLM(vlm.config, dequantize_params(q.params)), prompts)
+    np.testing.assert_allclose(quant, deq, rtol=0, atol=1e-5 * np.abs(deq).max())
+    assert np.abs(quant - base).max() / base.std() < 0.1
+
+
+@pytest.mark.heavy
 def test_int8_logits_and_greedy_tokens_against_fp32(fp32):
     """int8 is exactly fp32 run on the dequantized weights, and close to fp32 on the original ones.
 
@@ -79,6 +92,7 @@ def test_int8_logits_and_greedy_tokens_against_fp32(fp32):
     assert (out == tokens).mean() > 0.5  # free-running: a first flip changes every later context
 
 
+@pytest.mark.heavy
 def test_sharded_int8_decode_equals_single_device(fp32):
     vlm, prompts = fp32
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
