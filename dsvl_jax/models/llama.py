@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from dsvl_jax.config import TextConfig
 from dsvl_jax.models.common import RMSNorm, activation, boxed, constrain, maybe_remat, normal
-from dsvl_jax.models.quant import int8_matmul, linear
+from dsvl_jax.models.quant import bf16_matmul, int8_matmul, linear
 
 NEG_INF = -1e30  # finite: a fully masked (padding) query row gives a uniform softmax, not NaN
 
@@ -186,6 +186,8 @@ class Decoder(nn.Module):
             out = int8_matmul(h, self.lm_head, self.lm_head_scale, 1, jnp.float32)
             return constrain(out, ("act_batch", "act_len", "act_vocab"))
         w = self.embed_tokens.T if self.tie_word_embeddings else self.lm_head
+        if w.dtype == jnp.bfloat16:  # XLA:CPU's bf16 dot is slow: see `quant.bf16_matmul`
+            return constrain(bf16_matmul(h, w, 1, self.dtype), ("act_batch", "act_len", "act_vocab"))
         out = jnp.einsum("btd,dv->btv", h, w.astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("act_batch", "act_len", "act_vocab"))
 
