@@ -179,7 +179,8 @@ def run_jax(name: str, path: str, new_tokens: int, text_tokens: int, repeats: in
     cfg = model_config(name)
     assert jax.device_count() == devices, (jax.device_count(), devices)
     mesh = sharding.make_mesh(data=1, fsdp=1, tensor=devices) if devices > 1 else None
-    vlm = load_pretrained(path, mesh=mesh).with_weights(weights)  # the fp32 copy goes once converted
+    # bf16 is cast while loading (no fp32 copy); int8 quantizes the loaded fp32 model, whose copy then goes.
+    vlm = load_pretrained(path, mesh=mesh, dtype="bfloat16" if weights == "bf16" else None).with_weights(weights)
     ids, pv, hv = prompt(cfg, text_tokens)
     gen = vlm.generator
     kw = dict(pixel_values=pv, high_res_pixel_values=hv)

@@ -55,6 +55,10 @@ def quantize_array(w, n_in: int, lead: int = 0):
     return q, scale
 
 
+# On device: one fused program per kernel shape, so no float temporaries of the kernel's size are kept.
+_quantize_fused = jax.jit(quantize_array, static_argnums=(1, 2))
+
+
 def dequantize_array(q, scale, n_in: int, lead: int = 0, dtype=np.float32):
     """int8 kernel and its scale → the float kernel (q * scale), in `dtype`."""
     xp = jnp if isinstance(q, jax.Array) else np
@@ -192,7 +196,8 @@ def quantize_params(params) -> dict:
             continue
         if a.dtype == np.int8:
             raise ValueError(f"param {p!r} is already int8: the params are quantized already")
-        out[p], out[_scale_path(p)] = quantize_array(a, *spec)
+        quantize = _quantize_fused if isinstance(a, jax.Array) else quantize_array
+        out[p], out[_scale_path(p)] = quantize(a, *spec)
     return traverse_util.unflatten_dict(out, sep="/")
 
 
