@@ -61,7 +61,15 @@ def int8_weight_use(hlo: str) -> dict:
     HBM), and the instructions producing a float array of an s8 parameter's shape or one layer of it (a
     dequantized copy materialized in memory; 0 when the convert is fused into the consumer)."""
     entry = hlo[hlo.index("ENTRY"):]
-    body = hlo
+    # Instructions of the unfused computations only (entry, loop bodies): inside a fusion a float value
+    # of a weight's shape lives in registers/VMEM, not in HBM.
+    body, keep = [], False
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():
+            keep = "fused" not in line.split("(")[0] and "fusion" not in line.split("(")[0]
+        elif keep:
+            body.append(line)
+    body = "\n".join(body)
     s8_shapes = set(re.findall(r"parameter\(\d+\)", entry) and
                     re.findall(r"=\s*s8\[([\d,]+)\][^\n]*parameter\(", entry))
     s8_shapes |= {",".join(x.split(",")[1:]) for x in s8_shapes if x.count(",") >= 2}  # one layer of a stack
