@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         compiled, _ = compile_step(cfg, mesh, 1, args.slots)
         mem = compiled.memory_analysis()
         use = int8_weight_use(compiled.as_text())
-        print(f"  {w:5} arguments per chip {mem.argument_size_in_bytes / 2**30:7.3f} GiB (weights + cache), "
+        print(f"  {w:5} arguments per chip {mem.argument_size_in_bytes / 2**20:9.2f} MiB (weights + cache), "
               f"temp {mem.temp_size_in_bytes / 2**20:8.1f} MiB; int8 params in HBM: {use['s8_params']}, "
               f"float copies of their shapes in the program: {use['float_copies_of_s8_shapes']}")
     return 0
