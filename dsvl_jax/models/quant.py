@@ -1,4 +1,5 @@
-"""Weight-only int8 for the LLM's linear layers: per-output-channel symmetric scales, dequantized in the matmul.
+"""Weight formats of the LLM's linears: weight-only int8 (per-output-channel symmetric scales, dequantized in
+the matmul) and bf16, and `--weights fp32|bf16|int8` conversion of a whole model.
 
 A quantized kernel is stored as two params beside each other: `kernel` (int8, the float kernel's shape and
 logical axes, so it is sharded exactly like the float weight) and `scale` (float32, the kernel's *output*
@@ -10,6 +11,9 @@ the scale depends on the output channel only, it factors out of the contraction:
 
 so the matmul reads int8 weights (converted to the compute dtype inside the dot's fusion; on TPU the
 int8 array is what lives in HBM) and multiplies the [.., out] result by the scale afterwards.
+On CPU, XLA compiles a dot with a fused int8 (or bf16) operand to a slow generic loop, so there the
+contraction runs 512 input rows at a time (`_dot_converted_in_chunks`); bf16 weights of the decoder take
+the same path (`Bf16DenseGeneral`, `bf16_matmul`). `lax.platform_dependent` keeps the plain dot on TPU/GPU.
 Which params are quantized is decided by `VLMConfig.quantization`: "int8" quantizes the seven linears of
 every decoder layer and the (untied) lm_head; embeddings, norms, the vision towers and the aligner stay
 in float (they are not read per decoded token, or are small).
