@@ -1,7 +1,7 @@
 """Ahead-of-time compile of one batch-1 decode step for a TPU slice, on a CPU-only host: per-chip weight
 memory and the element types of the compiled program's dot operands, for fp32 / bf16 / int8 weights.
 
-    python tools/aot_decode.py --preset 1.3b --topology v5e:2x2 --tensor 4 [--weights fp32 bf16 int8]
+    python tools/aot_decode.py --preset deepseek_vl_1p3b --topology v5e:2x2 --tensor 4 [--weights fp32 bf16 int8]
 
 int8 should show about a quarter of fp32's per-chip bytes for the LLM linears (the vision towers and
 embeddings stay float).
@@ -82,7 +82,8 @@ def int8_weight_use(hlo: str) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="1.3b", help="1.3b, 7b or tiny")
+    ap.add_argument("--preset", default="deepseek_vl_1p3b", help="a preset of dsvl_jax.config (deepseek_vl_1p3b, "
+                    "deepseek_vl_7b) or tiny (text-only tiny)")
     ap.add_argument("--topology", default="v5e:2x2")
     ap.add_argument("--tensor", type=int, default=4, help="tensor-parallel size (the rest goes to data)")
     ap.add_argument("--weights", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
