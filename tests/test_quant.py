@@ -73,7 +73,8 @@ def test_int8_logits_and_greedy_tokens_against_fp32(fp32):
     small (median 0.24 std) and a few % of steps are near-ties that any perturbation flips; bf16 weights
     flip 0.8 %, int8 1.6 % here
     (free-running, the same steps compound to 75 % and 63 % of tokens equal). A broken quantizer (wrong scale axis, no scale) changes
-    the logits by their own order of magnitude, which the relative-error bound of 0.1 catches first."""
+    the logits by their own order of magnitude (measured max |Δ| / std: 2.9 with each scale vector reversed,
+    1.6 with one mean scale), which the relative-error bound of 0.1 catches first."""
     vlm, prompts = fp32
     q = vlm.with_weights("int8")
     assert q.weights == "int8" and q.with_weights("int8") is q
