@@ -1,6 +1,17 @@
-"""Decode and prefill speed: dsvl_jax `VLM.generate` vs transformers `generate`, same weights, fp32, CPU.
+"""Decode and prefill speed: dsvl_jax `VLM.generate` (fp32, bf16, int8 weights) vs transformers `generate`
+(fp32, and torch dynamic int8), same weights, CPU.
 
     python benchmarks/generate_vs_torch.py [--models small 1.3b] [--new-tokens 32] [--text-tokens 64]
+    python benchmarks/generate_vs_torch.py --models 1.3b --new-tokens 64 --rounds 1 --repeats 1   # README row
+
+Variants (each its own subprocess, one at a time): transformers fp32; transformers with
+`torch.ao.quantization.quantize_dynamic` (int8 weights and dynamically quantized activations in every
+nn.Linear); dsvl_jax with --weights fp32 / bf16 / int8 (`VLM.with_weights`: bf16 casts, int8 quantizes the
+LLM linears and lm_head with per-output-channel scales after loading the fp32 checkpoint). Per variant:
+batch-1 decode tokens/s, its bandwidth floor (the bytes of weights one token reads, over the measured
+read bandwidth: the fastest any implementation of that dtype can decode here) and how far above it the
+measured s/token is, the worker's peak host RSS (`ru_maxrss`: loading included), and batch-8 decode
+throughput (one `generate` of --new-tokens at batch 8 after the batch-1 runs).
 
 For each model: one random-weight checkpoint is written once (transformers' own init, fp32,
 `save_pretrained`); then each side runs in its own subprocess, one after the other, so that only
@@ -26,6 +37,7 @@ speedup over transformers that this machine allows is printed beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -43,6 +55,11 @@ def model_config(name: str):
 
     if name == "1.3b":
         return C.deepseek_vl_1p3b()
+    if name == "1.3b-4l":
+        # The 1.3B at its real widths (LLM, vocabulary, SigLIP) with 4 of its 24 decoder layers: each
+        # decoded token still reads real-shaped matrices and the real lm_head, at a sixth of the time.
+        full = C.deepseek_vl_1p3b()
+        return full.replace(text=dataclasses.replace(full.text, num_hidden_layers=4))
     if name == "small":
         # The 1.3B layout at 1/4 width and 4 layers, real vocabulary and real 384 px / 576-token images:
         # a regime where per-token overhead, not weight traffic, decides the decode speed.
@@ -52,7 +69,7 @@ def model_config(name: str):
             siglip=C.SiglipConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                                   num_attention_heads=4),
             adapter="mlp_gelu")
-    raise ValueError(f"unknown model {name!r}: expected 'small' or '1.3b'")
+    raise ValueError(f"unknown model {name!r}: expected 'small', '1.3b' or '1.3b-4l'")
 
 
 def prompt(cfg, text_tokens: int, seed: int = 0):
@@ -111,38 +128,65 @@ def _measure(generate, new_tokens: int, repeats: int, warm_up: bool = True) -> d
             "tokens": [int(t) for t in full[0][2]], "load_avg": os.getloadavg()[0]}
 
 
-def run_torch(name: str, path: str, new_tokens: int, text_tokens: int, repeats: int) -> dict:
+def _peak_rss_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
+def _batched(ids, pv, hv, batch: int):
+    import numpy as np
+    rep = lambda a: None if a is None else np.repeat(a, batch, axis=0)  # noqa: E731
+    return rep(ids), rep(pv), rep(hv)
+
+
+def run_torch(name: str, path: str, new_tokens: int, text_tokens: int, repeats: int, weights: str = "fp32",
+              batch: int = 8) -> dict:
     import torch
     from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
 
     cfg = model_config(name)
     klass = DeepseekVLHybridForConditionalGeneration if cfg.is_hybrid else DeepseekVLForConditionalGeneration
     model = klass.from_pretrained(path, dtype=torch.float32).eval()
+    if weights == "int8":  # torch's own CPU int8 path: every nn.Linear, int8 weights, dynamic activation scales
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
+
+    def make_generate(ids, pv, hv):
+        kw = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones_like(torch.from_numpy(ids)),
+              "pixel_values": torch.from_numpy(pv), "do_sample": False}
+        if hv is not None:
+            kw["high_res_pixel_values"] = torch.from_numpy(hv)
+
+        def generate(n):
+            with torch.inference_mode():
+                return model.generate(**kw, max_new_tokens=n, min_new_tokens=n)[0, ids.shape[1]:].tolist()
+        return generate
+
     ids, pv, hv = prompt(cfg, text_tokens)
-    kw = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones_like(torch.from_numpy(ids)),
-          "pixel_values": torch.from_numpy(pv), "do_sample": False}
-    if hv is not None:
-        kw["high_res_pixel_values"] = torch.from_numpy(hv)
-
-    def generate(n):
-        with torch.inference_mode():
-            return model.generate(**kw, max_new_tokens=n, min_new_tokens=n)[0, ids.shape[1]:].tolist()
-
-    return {**_measure(generate, new_tokens, repeats), "threads": torch.get_num_threads()}
+    out = _measure(make_generate(ids, pv, hv), new_tokens, repeats)
+    out["peak_rss_gb"] = _peak_rss_gb()
+    if batch > 1:
+        gen_b = make_generate(*_batched(ids, pv, hv, batch))
+        t1 = _timed(lambda: gen_b(1))
+        tn = _timed(lambda: gen_b(new_tokens))
+        out["batch_decode_tokens_per_s"] = batch * (new_tokens - 1) / (tn - t1)
+    return {**out, "threads": torch.get_num_threads(), "weights": weights, "batch": batch}
 
 
-def run_jax(name: str, path: str, new_tokens: int, text_tokens: int, repeats: int, devices: int = 1) -> dict:
+def run_jax(name: str, path: str, new_tokens: int, text_tokens: int, repeats: int, devices: int = 1,
+            weights: str = "fp32", batch: int = 8) -> dict:
     import jax
 
     from dsvl_jax import sharding
     from dsvl_jax.convert.load import load_pretrained
+    from dsvl_jax.models.quant import weight_bytes
 
     cfg = model_config(name)
     assert jax.device_count() == devices, (jax.device_count(), devices)
     mesh = sharding.make_mesh(data=1, fsdp=1, tensor=devices) if devices > 1 else None
-    vlm = load_pretrained(path, mesh=mesh)
+    # bf16 is cast while loading (no fp32 copy); int8 quantizes the loaded fp32 model, whose copy then goes.
+    vlm = load_pretrained(path, mesh=mesh, dtype="bfloat16" if weights == "bf16" else None).with_weights(weights)
     ids, pv, hv = prompt(cfg, text_tokens)
     gen = vlm.generator
     kw = dict(pixel_values=pv, high_res_pixel_values=hv)
@@ -155,8 +199,20 @@ def run_jax(name: str, path: str, new_tokens: int, text_tokens: int, repeats: in
 
     out = _measure(generate, new_tokens, repeats, warm_up=False)
     loop = last[new_tokens].timings
-    stepped = gen.generate(ids, loop="python", max_new_tokens=new_tokens, **kw)  # compiles the single step
-    return {**out, "compile_s": first.timings.compile_s, "compile_s_step": stepped.timings.compile_s,
+    stepped = first  # the streaming path is timed for fp32 only (the 1.3B bf16/int8 runs are long enough)
+    if weights == "fp32":
+        stepped = gen.generate(ids, loop="python", max_new_tokens=new_tokens, **kw)  # compiles the single step
+    out["peak_rss_gb"] = _peak_rss_gb()
+    lm = {k: v for k, v in vlm.params["language_model"].items() if k != "embed_tokens"}
+    out["decode_weight_bytes"] = weight_bytes(lm)  # what one token reads: layers, final norm, lm_head
+    if batch > 1:
+        ids_b, pv_b, hv_b = _batched(ids, pv, hv, batch)
+        gen.generate(ids_b, max_new_tokens=2, pixel_values=pv_b, high_res_pixel_values=hv_b)  # compiles
+        timed = gen.generate(ids_b, max_new_tokens=new_tokens, pixel_values=pv_b, high_res_pixel_values=hv_b)
+        out["batch_decode_tokens_per_s"] = timed.timings.decode_tokens_per_s  # compile excluded
+    out.update(weights=weights, batch=batch)
+    return {**out, "compile_s": first.timings.compile_s,
+            "compile_s_step": 0.0 if stepped is first else stepped.timings.compile_s,
             "engine_prefill_s": loop.prefill_s, "engine_decode_tokens_per_s": loop.decode_tokens_per_s,
             "engine_decode_tokens_per_s_python_loop": stepped.timings.decode_tokens_per_s,
             "same_tokens_python_loop": stepped.tokens.tolist() == first.tokens.tolist(),
@@ -178,72 +234,85 @@ def _subprocess(worker: str, *args, devices: int = 1) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["small", "1.3b"], choices=["small", "1.3b"])
+    ap.add_argument("--models", nargs="+", default=["small", "1.3b"], choices=["small", "1.3b", "1.3b-4l"])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--text-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="alternating torch/jax worker rounds")
-    ap.add_argument("--jax-devices", type=int, nargs="+", default=[1, 2],
+    ap.add_argument("--jax-devices", type=int, nargs="+", default=[1],
                     help="dsvl_jax runs: 1 = one CPU device; n > 1 = n host devices as a tensor-parallel mesh "
                          "(XLA runs a batch-1 matrix-vector product on one thread per device)")
+    ap.add_argument("--weights", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"],
+                    help="dsvl_jax weight variants (transformers runs fp32 and dynamic int8)")
+    ap.add_argument("--batch", type=int, default=8, help="batch of the throughput run (1: none)")
     ap.add_argument("--workdir", default=None, help="where checkpoints go (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the parent's weight count must not look for a TPU
     if args._worker:
         worker, name, path, *rest = args._worker
-        print(json.dumps(WORKERS[worker](name, path, *map(int, rest))))
+        print(json.dumps(WORKERS[worker](name, path, *(int(x) if x.isdigit() else x for x in rest))))
         return 0
 
     results = {}
-    sides = ["torch"] + [f"jax{d}" for d in args.jax_devices]
+    sides = {"torch": ("torch", "fp32", 1), "torch_int8": ("torch", "int8", 1)}
+    for d in args.jax_devices:
+        for w in args.weights:
+            sides[f"jax{d}_{w}"] = ("jax", w, d)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for name in args.models:
             path = os.path.join(tmp, name)
             made = _subprocess("checkpoint", name, path)
             runs = {side: [] for side in sides}
             for _ in range(args.rounds):  # alternate, so that a change in machine load hits every side
-                runs["torch"].append(_subprocess("torch", name, path, args.new_tokens, args.text_tokens,
-                                                 args.repeats))
-                for d in args.jax_devices:
-                    runs[f"jax{d}"].append(_subprocess("jax", name, path, args.new_tokens, args.text_tokens,
-                                                       args.repeats, d, devices=d))
+                for side, (kind, w, d) in sides.items():
+                    common = (name, path, args.new_tokens, args.text_tokens, args.repeats)
+                    if kind == "torch":
+                        runs[side].append(_subprocess("torch", *common, w, args.batch))
+                    else:
+                        runs[side].append(_subprocess("jax", *common, d, w, args.batch, devices=d))
             shutil.rmtree(path, ignore_errors=True)
             best = {side: _best(r) for side, r in runs.items()}
+            fp32_tokens = {tuple(r["tokens"]) for side, rs in runs.items() for r in rs if sides[side][1] == "fp32"}
             results[name] = {"params": made["params"], "runs": runs, "best": best,
-                             "same_greedy_tokens": len({tuple(r["tokens"]) for rs in runs.values() for r in rs}) == 1}
-            for side in sides[1:]:
-                best[side]["decode_speedup"] = best["torch"]["decode_s_per_token"] / best[side]["decode_s_per_token"]
-                best[side]["prefill_time_ratio"] = best[side]["prefill_s"] / best["torch"]["prefill_s"]
-                best[side]["decode_cpu_ratio"] = (best[side]["decode_cpu_s_per_token"]
-                                                  / best["torch"]["decode_cpu_s_per_token"])
+                             "same_greedy_tokens": len(fp32_tokens) == 1}
+            ref = best["torch"]["tokens"]
+            for side, b in best.items():
+                b["decode_speedup"] = best["torch"]["decode_s_per_token"] / b["decode_s_per_token"]
+                b["prefill_time_ratio"] = b["prefill_s"] / best["torch"]["prefill_s"]
+                b["decode_cpu_ratio"] = b["decode_cpu_s_per_token"] / best["torch"]["decode_cpu_s_per_token"]
+                b["tokens_equal_torch_fp32"] = sum(x == y for x, y in zip(b["tokens"], ref)) / len(ref)
+    bw = read_bandwidth()
+    for name, r in results.items():
+        fp32_bytes = decode_weight_bytes(name)
+        for side, b in r["best"].items():
+            w = sides[side][1]
+            nbytes = b.get("decode_weight_bytes") or (fp32_bytes if w == "fp32" else None)
+            if side == "torch_int8":  # quantize_dynamic packs every Linear as int8 (+ per-tensor scale)
+                nbytes = fp32_bytes // 4
+            b["floor_s_per_token"] = nbytes / bw
+            b["above_floor"] = b["decode_s_per_token"] / b["floor_s_per_token"]
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"read_bandwidth": bw, "results": results}, indent=1))
         return 0
-    print(f"prompt: 1 image + {args.text_tokens} text tokens, batch 1, {args.new_tokens} new tokens, fp32, greedy, "
-          f"{os.cpu_count()} CPU cores; best of {args.rounds} alternating rounds x {args.repeats} calls")
-    print(f"{'model':6} {'params':>6} {'side':13} {'prefill s':>9} {'ratio':>6} {'decode tok/s':>12} {'speedup':>7} "
-          f"{'cpu ratio':>9} {'compile s':>9} {'load':>5}")
+    print(f"prompt: 1 image + {args.text_tokens} text tokens, batch 1, {args.new_tokens} new tokens, greedy, "
+          f"{os.cpu_count()} CPU cores; best of {args.rounds} alternating rounds x {args.repeats} calls; "
+          f"memory read bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{'model':6} {'params':>6} {'side':22} {'prefill s':>9} {'ratio':>6} {'decode tok/s':>12} {'speedup':>7} "
+          f"{'cpu ratio':>9} {'floor tok/s':>11} {'x floor':>7} {'peak GB':>7} {f'b{args.batch} tok/s':>9} "
+          f"{'=fp32':>5} {'compile s':>9} {'load':>5}")
     for name, r in results.items():
         for side, b in r["best"].items():
-            label = "transformers" if side == "torch" else f"dsvl_jax x{side[3:]}dev"
-            extra = ("" if side == "torch" else
-                     f"{b['prefill_time_ratio']:6.2f} {1 / b['decode_s_per_token']:12.2f} {b['decode_speedup']:6.2f}x "
-                     f"{b['decode_cpu_ratio']:9.2f} {b['compile_s']:9.1f}")
-            if side == "torch":
-                extra = f"{'':6} {1 / b['decode_s_per_token']:12.2f} {'':7} {'':9} {'':9}"
-            print(f"{name:6} {r['params'] / 1e9:5.2f}B {label:13} {b['prefill_s']:9.2f} {extra} {b['load_avg']:5.1f}")
-        print(f"{name:6} same greedy tokens on every side: {r['same_greedy_tokens']}")
-    # Batch-1 fp32 decoding reads every LM weight once per token: at this machine's read bandwidth that sets
-    # the fastest possible s/token for any implementation, and so the largest possible speedup over torch.
-    bw = read_bandwidth()
-    print(f"memory read bandwidth here: {bw / 1e9:.1f} GB/s")
-    for name, r in results.items():
-        weight_bytes = decode_weight_bytes(name)
-        floor = weight_bytes / bw
-        torch_s = r["best"]["torch"]["decode_s_per_token"]
-        print(f"{name:6} decode reads {weight_bytes / 1e9:.2f} GB of weights a token: at least "
-              f"{floor * 1e3:.1f} ms/token, so at most {torch_s / floor:.2f}x faster than transformers here")
+            kind, w, d = sides[side]
+            label = f"transformers {'fp32' if w == 'fp32' else 'dyn-int8'}" if kind == "torch" else f"dsvl_jax {w} x{d}dev"
+            print(f"{name:6} {r['params'] / 1e9:5.2f}B {label:22} {b['prefill_s']:9.2f} {b['prefill_time_ratio']:6.2f} "
+                  f"{1 / b['decode_s_per_token']:12.2f} {b['decode_speedup']:6.2f}x {b['decode_cpu_ratio']:9.2f} "
+                  f"{1 / b['floor_s_per_token']:11.2f} {b['above_floor']:7.2f} {b['peak_rss_gb']:7.2f} "
+                  f"{b.get('batch_decode_tokens_per_s', float('nan')):9.2f} {b['tokens_equal_torch_fp32']:5.2f} "
+                  f"{b.get('compile_s', float('nan')):9.1f} {b['load_avg']:5.1f}")
+        print(f"{name:6} same greedy tokens on every fp32 side: {r['same_greedy_tokens']}; '=fp32': share of the "
+              "greedy tokens equal to transformers fp32 (free-running: a first flip changes every later one)")
     return 0
 
 

@@ -119,6 +119,9 @@ class VLMConfig:
     remat_policy_siglip: str = ""
     remat_policy_llm: str = ""
     sam_attention_impl: str = "auto"  # relpos attention for SAM global blocks: auto|pallas|blockwise|reference
+    # "int8": the LLM's linears and lm_head hold int8 weights + per-channel scales (`models.quant`); part
+    # of a quantized Orbax checkpoint's config, since the params differ.
+    quantization: str = "none"  # none | int8
 
     def __post_init__(self):
         for key in ("remat_policy", "remat_policy_sam", "remat_policy_siglip", "remat_policy_llm"):
@@ -144,6 +147,8 @@ class VLMConfig:
             if bad or not self.sam.global_attn_indexes:
                 raise ValueError(f"sam.global_attn_indexes={self.sam.global_attn_indexes} must be non-empty "
                                  f"indices below num_hidden_layers={self.sam.num_hidden_layers}")
+        if self.quantization not in ("none", "int8"):
+            raise ValueError(f"quantization={self.quantization!r}: expected 'none' or 'int8'")
         if self.token_merge not in (1, 2):
             raise ValueError(f"token_merge={self.token_merge}: expected 1 (off) or 2 (2x2 merge)")
         if self.token_merge == 2 and self.siglip.grid % 2:

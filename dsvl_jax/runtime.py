@@ -22,7 +22,9 @@ from dsvl_jax.config import VLMConfig
 from dsvl_jax.errors import InputError
 from dsvl_jax.generation.engine import Generator
 from dsvl_jax.generation.inputs import check_ids, check_pixels, check_views
+from dsvl_jax.models.quant import check_weights, convert_weights, weights_of
 from dsvl_jax.models.vlm import DeepseekVL
+from dsvl_jax.state import param_shardings
 
 
 def _np(x):
@@ -36,6 +38,29 @@ class VLM:
         self.mesh = mesh
         self.module = DeepseekVL(config)
         self.source = None  # folder it was loaded from (tokenizer / processor files travel from there)
+        self._variants: dict = {}  # weights kind → VLM, for generate(weights=...)
+
+    # ---- weights ----
+    @property
+    def weights(self) -> str:
+        """"fp32", "bf16" or "int8" (weight-only int8 LLM linears, `dsvl_jax.models.quant`)."""
+        return weights_of(self.config)
+
+    def with_weights(self, weights: str) -> "VLM":
+        """This model with "fp32", "bf16" or "int8" weights (a new VLM; self when it already has them).
+        On a mesh the converted params are placed by the logical rules of the new config."""
+        check_weights(weights)
+        if weights == self.weights:
+            return self
+        if weights not in self._variants:
+            with self.mesh_context():
+                cfg, params = convert_weights(self.config, self.params, weights)
+            if self.mesh is not None:
+                params = jax.device_put(params, param_shardings(cfg, self.mesh)[0])
+            other = VLM(cfg, params, mesh=self.mesh)
+            other.source = self.source
+            self._variants[weights] = other
+        return self._variants[weights]
 
     # ---- checks ----
     def check_ids(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -133,15 +158,18 @@ class VLM:
 
     def generate(self, input_ids, *, pixel_values=None, high_res_pixel_values=None, attention_mask=None,
                  max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0, top_k=None, top_p=None,
-                 rng=None, eos_token_id=None, pad_token_id=None) -> np.ndarray:
+                 rng=None, eos_token_id=None, pad_token_id=None, weights: Optional[str] = None) -> np.ndarray:
         """New token ids [batch, steps] (prompt excluded), with a KV cache and compiled prefill/decode.
 
         Inputs as `__call__` (HF-port contract; any padding, rows are re-packed to the left). Greedy by
         default; `do_sample=True` samples with temperature / top-k / top-p from the explicit key `rng`
         (`jax.random.key(seed)`). A row stops at its first `eos_token_id` (an id or a list); later
         positions hold `pad_token_id` (default: the first EOS id, else 0). steps = max_new_tokens, or
-        fewer when every row has stopped. See `dsvl_jax.generation.engine` for timings and streaming."""
-        return self.generator.generate(
+        fewer when every row has stopped. `weights` ("fp32" | "bf16" | "int8") runs a converted copy of the
+        model (`with_weights`, made once and kept); None runs these params as they are.
+        See `dsvl_jax.generation.engine` for timings and streaming."""
+        model = self if weights is None else self.with_weights(weights)
+        return model.generator.generate(
             input_ids, pixel_values=pixel_values, high_res_pixel_values=high_res_pixel_values,
             attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, eos_token_id=eos_token_id,

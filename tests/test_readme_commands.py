@@ -34,6 +34,7 @@ ELSEWHERE = [
     (r"^python3? benchmarks/device_check\.py", "tests/test_device_check.py (--dry-run)"),
     (r"^python3? benchmarks/", "tests/test_benchmarks_dry_run.py (the same command with --dry-run: tiny shapes)"),
     (r"^python tools/aot_compile\.py", "tests/test_train_aot.py (the same tool on the tiny config)"),
+    (r"^python tools/aot_decode\.py", "tests/test_quant_tpu_aot.py (heavy: the same tool on the tiny config)"),
     (r"^python tpu/compile_all\.py", "tests/test_train_aot.py (the per-slice compile, tiny config)"),
     (r"^python tpu/local_cluster\.py", "tests/test_multiprocess.py"),
     (r"^python -m dsvl_jax\.eval\.suite_tsv", "tests/test_eval_cli.py"),

@@ -21,14 +21,17 @@ from typing import Optional
 import jax
 
 from dsvl_jax.convert import lora_orbax, orbax_io, peft_io, stream
-from dsvl_jax.convert.export import DestinationExists, has_tokenizer, plan_tensors, write_folder
+from dsvl_jax.convert.export import (DestinationExists, dequantized, has_tokenizer, plan_tensors, tensor_plan,
+                                     write_folder)
 from dsvl_jax.convert.folders import read_config
 from dsvl_jax.convert.safetensors_io import INDEX_NAME, MAX_SHARD_BYTES, SINGLE_NAME
 from dsvl_jax.errors import CheckpointError, ConfigError
+from dsvl_jax.models.quant import quantize_params
 from dsvl_jax.state import param_shapes
 from dsvl_jax.train.stages import UNUSED, path_matches
 
 TARGETS = ("hf", "official", "orbax", "peft")
+QUANTIZE = ("int8",)
 DTYPES = ("bfloat16", "float32")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -80,13 +83,21 @@ def check_destination(src: str, dst: str, overwrite: bool) -> None:
 
 
 def convert(src: str, dst: str, to: str, *, dtype: Optional[str] = None, overwrite: bool = False,
-            step: Optional[int] = None, max_shard_bytes: Optional[int] = None, merge: bool = False) -> str:
+            step: Optional[int] = None, max_shard_bytes: Optional[int] = None, merge: bool = False,
+            quantize: Optional[str] = None) -> str:
     """Convert `src` (any supported layout, detected) to `to` at `dst`. Returns the destination path.
-    `merge` (LoRA runs, to hf/official): the adapters merged into the kernels."""
+
+    `merge` (LoRA runs, to hf/official): the adapters merged into the kernels. quantize="int8" (Orbax
+    destinations only) stores the LLM linears as int8 + per-channel scales (`dsvl_jax.models.quant`); an int8
+    Orbax source written to a PyTorch layout is dequantized."""
     if to not in TARGETS:
         raise ValueError(f"--to {to!r}: expected one of {TARGETS}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: expected one of {DTYPES}")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"--quantize {quantize!r}: expected one of {QUANTIZE}")
+    if quantize is not None and to != "orbax":
+        raise ValueError(f"--quantize {quantize} needs --to orbax: the PyTorch layouts are written in float")
     kind = detect_source(src)
     check_destination(src, dst, overwrite)
     if step is not None and kind != "orbax":
@@ -113,8 +124,16 @@ def convert(src: str, dst: str, to: str, *, dtype: Optional[str] = None, overwri
             source = lora_orbax.MergedSource(source, spec, adapters)
         if to == "orbax":
             cfg = source.config if dtype is None else source.config.replace(param_dtype=dtype)
-            return orbax_io.save_orbax_params(dst, cfg, source.params(dtype), step=loc.step,
+            params = source.params(dtype)
+            if quantize and cfg.quantization != "int8":
+                cfg, params = cfg.replace(quantization="int8"), quantize_params(params)
+            return orbax_io.save_orbax_params(dst, cfg, params, step=loc.step,
                                               overwrite=overwrite, side_files_from=loc.workdir)
+        if source.config.quantization == "int8":  # dequantized: one float copy on the host
+            cfg, params = dequantized(source.config, source.params(), dtype)
+            plan, produce = tensor_plan(cfg, params, to, dtype)
+            return write_folder(dst, cfg, to, plan, produce, overwrite=overwrite, max_shard_bytes=shard,
+                                side_files_from=loc.workdir)
         plan, produce = plan_tensors(source.config, to, source.shape_of, source.dtype_of, source.array_of, dtype)
         return write_folder(dst, source.config, to, plan, produce, overwrite=overwrite, max_shard_bytes=shard,
                             side_files_from=loc.workdir)
@@ -123,9 +142,15 @@ def convert(src: str, dst: str, to: str, *, dtype: Optional[str] = None, overwri
             params = source.params(dtype)
             d = dtype or source.dtype_name()
             cfg = source.config.replace(dtype=d, param_dtype=d)
+            if quantize:
+                cfg, params = cfg.replace(quantization="int8"), quantize_params(params)
             return orbax_io.save_orbax_params(dst, cfg, params, step=0, overwrite=overwrite,
                                               side_files_from=source.path)
     return stream.convert_torch(src, dst, to, dtype=dtype, overwrite=overwrite, max_shard_bytes=shard)
+
+
+def is_int8_orbax(path: str) -> bool:
+    return orbax_io.is_orbax(path) and orbax_io.read_model_config(orbax_io.locate(path).config_path).quantization == "int8"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA run: write full weights with the adapters merged in (with --to hf or official)")
     p.add_argument("--max-shard-size", type=parse_size, default=None,
                    help="largest safetensors shard, e.g. 5GB (default) or 500MB")
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="--to orbax: store the LLM linears as int8 with per-output-channel scales")
     return p
 
 
@@ -159,17 +186,20 @@ def main(argv=None) -> int:
             jax.config.update("jax_platforms", "cpu")
     try:
         out = convert(args.src, args.dst, args.to, dtype=args.dtype, overwrite=args.overwrite, step=args.step,
-                      max_shard_bytes=args.max_shard_size, merge=args.merge)
+                      max_shard_bytes=args.max_shard_size, merge=args.merge, quantize=args.quantize)
     except (CheckpointError, ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError) as e:
         print(f"dsvl-convert: error: {one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"dsvl-convert: error: writing {args.dst}: {one_line(e)}", file=sys.stderr)
         return 1
-    print(f"dsvl-convert: wrote {out} ({args.to}{', merged' if args.merge else ''})")
+    print(f"dsvl-convert: wrote {out} ({args.to}{', merged' if args.merge else ''}{', int8' if args.quantize else ''})")
     if args.to in ("hf", "official", "orbax") and not args.merge and lora_orbax.is_lora_run(args.src, args.step):
         print(f"dsvl-convert: note: {args.src} is a LoRA run; {out} holds its base params without the adapters "
               "(--merge merges them in, --to peft writes them as a PEFT adapter)", file=sys.stderr)
+    if args.to not in ("orbax", "peft") and is_int8_orbax(args.src):
+        print(f"dsvl-convert: note: {args.src} holds int8 weights; {out} has them dequantized (int8 × scale) "
+              f"to {args.dtype or 'float32'}", file=sys.stderr)
     if args.to == "hf" and not has_tokenizer(out):
         print(f"dsvl-convert: note: {args.src} has no tokenizer files beside its config, so {out} has none; "
               "transformers' AutoProcessor needs tokenizer.json (or tokenizer.model) with "

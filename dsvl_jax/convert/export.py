@@ -24,6 +24,7 @@ from dsvl_jax.config import VLMConfig
 from dsvl_jax.convert import config_io, keymap
 from dsvl_jax.convert.safetensors_io import MAX_SHARD_BYTES, write_checkpoint
 from dsvl_jax.errors import CheckpointError
+from dsvl_jax.models.quant import convert_weights
 from dsvl_jax.processing.chat import CHAT_TEMPLATE, IMAGE_TAG
 from dsvl_jax.processing.processor import write_hf_processor_config
 from dsvl_jax.state import check_params
@@ -146,6 +147,13 @@ def tensor_plan(cfg: VLMConfig, params, layout: str, dtype=None):
         lambda p, layer: sharding.host_array(flat[p][layer] if layer is not None else flat[p]), dtype)
 
 
+def dequantized(cfg: VLMConfig, params, dtype=None):
+    """(cfg, params) unchanged when not quantized; else dequantized to `dtype` (default float32)."""
+    if cfg.quantization != "int8":
+        return cfg, params
+    return convert_weights(cfg, params, "bf16" if dtype is not None and jnp.dtype(dtype) == jnp.bfloat16 else "fp32")
+
+
 def _dtype_name(plan) -> str:
     names = {np.dtype(d).name for _, _, d in plan}
     return names.pop() if len(names) == 1 else "float32"
@@ -160,11 +168,13 @@ def save_pretrained(model, path: str, layout: str = "hf", dtype=None, *, overwri
     dtype: None keeps each tensor's dtype (bf16 stays bf16); e.g. "bfloat16" converts.
     Tokenizer / processor files are copied from `side_files_from` (default: the folder the model was
     loaded from) and `extra_files`; an "hf" folder also gets what `AutoProcessor` needs
-    (`complete_hf_folder`). Returns the destination path."""
+    (`complete_hf_folder`). An int8-quantized model is written dequantized (q * scale) in `dtype`
+    (default float32): PyTorch layouts have no int8 format here. Returns the destination path."""
     cfg, params, source = _unpack(model)
     if layout not in keymap.LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {keymap.LAYOUTS}")
     check_params(cfg, params)
+    cfg, params = dequantized(cfg, params, dtype)
     plan, produce = tensor_plan(cfg, params, layout, dtype)  # validates before anything is written
     return write_folder(path, cfg, layout, plan, produce, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                         side_files_from=side_files_from or source, extra_files=extra_files)

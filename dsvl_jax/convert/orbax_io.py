@@ -29,6 +29,7 @@ from dsvl_jax.convert import export
 from dsvl_jax.convert.folders import (  # noqa: F401
     ALT_CONFIG, CHECKPOINTS_DIR, DATA, ITEM_NAMES, MODEL_CONFIG, STATE, Location, OrbaxError, is_orbax, locate,
     read_model_config)
+from dsvl_jax.models.quant import scale_paths
 from dsvl_jax.state import check_params, param_shapes
 
 
@@ -149,11 +150,13 @@ class OrbaxSource:
         return self._cache[p]
 
     def params(self, dtype=None) -> dict:
-        """All params as a nested numpy dict (`dtype` casts)."""
+        """All params as a nested numpy dict (`dtype` casts the float params; int8 kernels and their
+        float32 scales of a quantized checkpoint stay as they are)."""
         flat = self._whole if self._whole is not None else self._restore(list(self._meta))
         if dtype is not None:
-            target = np.dtype(jnp.dtype(dtype))
-            flat = {p: a.astype(target, copy=False) for p, a in flat.items()}
+            target, keep = np.dtype(jnp.dtype(dtype)), scale_paths(flat)
+            flat = {p: a if p in keep or not np.issubdtype(a.dtype, np.floating) else a.astype(target, copy=False)
+                    for p, a in flat.items()}
         return traverse_util.unflatten_dict(flat, sep="/")
 
 

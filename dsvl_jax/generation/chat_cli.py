@@ -33,6 +33,7 @@ from dsvl_jax.errors import CheckpointError, ConfigError, InputError
 from dsvl_jax.generation.engine import Timings
 from dsvl_jax.generation.inputs import pack_batch
 from dsvl_jax.generation.sampling import check_sampling
+from dsvl_jax.models.quant import WEIGHTS
 from dsvl_jax.processing.chat import IMAGE_TAG
 from dsvl_jax.processing.image import ImageError
 from dsvl_jax.processing.processor import Processor
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="compute/param dtype (default: the checkpoint's)")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None, help="fp32, bf16, or int8 (weight-only int8 LLM "
+                    "linears with per-channel scales, quantized at load); default: the checkpoint's")
     ap.add_argument("--json", action="store_true", help="print token ids, answer and timings as JSON")
     return ap
 
@@ -167,6 +170,8 @@ class ChatSession:
         if self.vlm is None:
             try:
                 self.vlm = load_pretrained(self.args.ckpt, dtype=self.args.dtype)
+                if self.args.weights is not None:
+                    self.vlm = self.vlm.with_weights(self.args.weights)
             except (OSError, ConfigError, CheckpointError) as e:  # truncated file, missing shard or data file
                 raise ChatError(f"{self.args.ckpt}: {e}" if self.args.ckpt not in str(e) else str(e)) from None
 

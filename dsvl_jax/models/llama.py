@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from dsvl_jax.config import TextConfig
-from dsvl_jax.models.common import RMSNorm, activation, boxed, constrain, dense, maybe_remat, normal
+from dsvl_jax.models.common import RMSNorm, activation, boxed, constrain, maybe_remat, normal
+from dsvl_jax.models.quant import bf16_matmul, int8_matmul, linear
 
 NEG_INF = -1e30  # finite: a fully masked (padding) query row gives a uniform softmax, not NaN
 
@@ -67,6 +68,7 @@ class Attention(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    int8: bool = False  # weight-only int8 linears (`models.quant`)
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
@@ -74,11 +76,11 @@ class Attention(nn.Module):
         cached slots < cache_index and to the new tokens; returns the new (k, v) columns in the cache
         dtype instead of an updated cache."""
         c = self.cfg
-        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(quantized=self.int8, dtype=self.dtype, param_dtype=self.param_dtype)
         nh, nkv, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = dense((nh, d), ("embed", "heads", "head_dim"), **kw, name="q_proj")(x)
-        k = dense((nkv, d), ("embed", "kv_heads", "head_dim"), **kw, name="k_proj")(x)
-        v = dense((nkv, d), ("embed", "kv_heads", "head_dim"), **kw, name="v_proj")(x)
+        q = linear((nh, d), ("embed", "heads", "head_dim"), **kw, name="q_proj")(x)
+        k = linear((nkv, d), ("embed", "kv_heads", "head_dim"), **kw, name="k_proj")(x)
+        v = linear((nkv, d), ("embed", "kv_heads", "head_dim"), **kw, name="v_proj")(x)
         q = constrain(rope(q, positions, c.rope_theta), ("act_batch", "act_len", "act_heads", None))
         k = constrain(rope(k, positions, c.rope_theta), ("act_batch", "act_len", "act_kv_heads", None))
         v = constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
@@ -108,7 +110,7 @@ class Attention(nn.Module):
         for p, (_, vv, _) in zip(probs[1:], parts[1:]):
             o = o + jnp.einsum("bkgts,bskd->btkgd", p, vv)
         o = constrain(o.reshape(b, t, nh, d), ("act_batch", "act_len", "act_heads", None))
-        out = dense(c.hidden_size, ("heads", "head_dim", "embed"), in_axes=(-2, -1), **kw, name="o_proj")(o)
+        out = linear(c.hidden_size, ("heads", "head_dim", "embed"), in_axes=(-2, -1), **kw, name="o_proj")(o)
         return out, new_kv
 
 
@@ -116,20 +118,21 @@ class DecoderLayer(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    int8: bool = False
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None, cache_index=None, layer=None):
         c = self.cfg
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(c.rms_norm_eps, **kw, name="input_layernorm")(x)
-        h, new_kv = Attention(c, **kw, name="self_attn")(h, positions, mask, cache, cache_index, layer)
+        h, new_kv = Attention(c, **kw, int8=self.int8, name="self_attn")(h, positions, mask, cache, cache_index, layer)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, **kw, name="post_attention_layernorm")(x)
-        dkw = dict(use_bias=False, **kw)
-        gate = dense(c.intermediate_size, ("embed", "mlp"), **dkw, name="gate_proj")(h)
-        up = dense(c.intermediate_size, ("embed", "mlp"), **dkw, name="up_proj")(h)
+        dkw = dict(quantized=self.int8, **kw)
+        gate = linear(c.intermediate_size, ("embed", "mlp"), **dkw, name="gate_proj")(h)
+        up = linear(c.intermediate_size, ("embed", "mlp"), **dkw, name="up_proj")(h)
         h = constrain(activation(c.hidden_act)(gate) * up, ("act_batch", "act_len", "act_mlp"))
-        x = x + dense(c.hidden_size, ("mlp", "embed"), **dkw, name="down_proj")(h)
+        x = x + linear(c.hidden_size, ("mlp", "embed"), **dkw, name="down_proj")(h)
         return constrain(x, ("act_batch", "act_len", "act_embed")), new_kv
 
 
@@ -141,6 +144,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    int8: bool = False  # int8 layer linears and lm_head (`models.quant`)
 
     def setup(self):
         c = self.cfg
@@ -151,11 +155,15 @@ class Decoder(nn.Module):
                               split_rngs={"params": True, "dropout": True},  # a dropout mask per layer (LoRA)
                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
                               length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})(
-            c, self.dtype, self.param_dtype)
+            c, self.dtype, self.param_dtype, self.int8)
         self.norm = RMSNorm(c.rms_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
         if not self.tie_word_embeddings:
-            self.lm_head = self.param("lm_head", boxed(normal(), ("embed", "vocab")),
-                                      (c.hidden_size, c.vocab_size), self.param_dtype)
+            self.lm_head = self.param("lm_head", boxed(nn.initializers.zeros if self.int8 else normal(),
+                                                       ("embed", "vocab")),
+                                      (c.hidden_size, c.vocab_size), jnp.int8 if self.int8 else self.param_dtype)
+            if self.int8:
+                self.lm_head_scale = self.param("lm_head_scale", boxed(nn.initializers.ones, ("vocab",)),
+                                                (c.vocab_size,), jnp.float32)
 
     def embed(self, input_ids):
         ids = jnp.clip(input_ids, 0, self.cfg.vocab_size - 1)  # the official code maps negatives to 0
@@ -174,7 +182,12 @@ class Decoder(nn.Module):
         return self.norm(x), new_cache
 
     def logits(self, h):
+        if self.int8 and not self.tie_word_embeddings:
+            out = int8_matmul(h, self.lm_head, self.lm_head_scale, 1, jnp.float32)
+            return constrain(out, ("act_batch", "act_len", "act_vocab"))
         w = self.embed_tokens.T if self.tie_word_embeddings else self.lm_head
+        if w.dtype == jnp.bfloat16:  # XLA:CPU's bf16 dot is slow: see `quant.bf16_matmul`
+            return constrain(bf16_matmul(h, w, 1, self.dtype), ("act_batch", "act_len", "act_vocab"))
         out = jnp.einsum("btd,dv->btv", h, w.astype(self.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("act_batch", "act_len", "act_vocab"))
 

@@ -69,7 +69,8 @@ class DeepseekVL(nn.Module):
         kw = dict(dtype=dtype_of(c.dtype), param_dtype=dtype_of(c.param_dtype))
         self.vision = VisionTowers(c, **kw)
         self.aligner = Aligner(c, **kw)
-        self.language_model = Decoder(c.text, c.tie_word_embeddings, remat_policy=c.tower_remat("llm"), **kw)
+        self.language_model = Decoder(c.text, c.tie_word_embeddings, remat_policy=c.tower_remat("llm"),
+                                      int8=c.quantization == "int8", **kw)
 
     def encode_images(self, pixel_values=None, high_res_pixel_values=None, images=None):
         """→ [N, num_image_tokens, D]. Accepts [N,3,S,S] or [B,N,3,S,S] (flattened row-major)."""

@@ -21,6 +21,7 @@ import sys
 from typing import Optional
 
 from dsvl_jax.errors import UsageError, require_at_least_one
+from dsvl_jax.models.quant import WEIGHTS
 from dsvl_jax.serve.app import DEFAULT_MAX_BODY, ServeConfig, create_app
 from dsvl_jax.serve.batcher import Batcher, default_buckets
 from dsvl_jax.serve.model import LoadError, load
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-local-images", metavar="DIR", default=None,
                     help="let requests name image files (paths or file:// URLs) inside DIR")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: the checkpoint's")
+    ap.add_argument("--weights", choices=WEIGHTS, default=None, help="fp32, bf16, or int8 (weight-only int8 LLM "
+                    "linears, quantized at load); default: the checkpoint's")
     ap.add_argument("--mesh", default="auto", help="auto (all devices when several), none, or DATA,FSDP,TENSOR")
     ap.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return ap
@@ -90,7 +93,7 @@ def build(args):
     _check(args)
     buckets = _buckets(args)
     try:
-        vlm, processor = load(args.ckpt, dtype=args.dtype, mesh=args.mesh)
+        vlm, processor = load(args.ckpt, dtype=args.dtype, mesh=args.mesh, weights=args.weights)
     except LoadError as e:
         raise UsageError(str(e)) from None
     name = args.model_name or os.path.basename(os.path.normpath(args.ckpt))

@@ -15,6 +15,7 @@ import jax
 from dsvl_jax import sharding
 from dsvl_jax.convert.load import load_pretrained
 from dsvl_jax.errors import CheckpointError, ConfigError
+from dsvl_jax.models.quant import check_weights
 from dsvl_jax.processing.processor import Processor
 from dsvl_jax.processing.tokenizer import Tokenizer
 
@@ -42,8 +43,14 @@ def choose_mesh(spec: str):
         raise LoadError(f"--mesh {spec!r}: {e}") from None
 
 
-def load(ckpt: str, *, dtype: Optional[str] = None, mesh: str = "auto"):
-    """(VLM, Processor) for the checkpoint folder `ckpt`; raises `LoadError`."""
+def load(ckpt: str, *, dtype: Optional[str] = None, mesh: str = "auto", weights: Optional[str] = None):
+    """(VLM, Processor) for the checkpoint folder `ckpt`; raises `LoadError`. `weights` ("fp32" | "bf16" |
+    "int8") converts the loaded model (`VLM.with_weights`; int8 quantizes the LLM linears at load)."""
+    if weights is not None:
+        try:
+            check_weights(weights, "--weights")
+        except ValueError as e:
+            raise LoadError(str(e)) from None
     if not os.path.isdir(ckpt):
         raise LoadError(f"--ckpt {ckpt!r}: no such directory")
     try:
@@ -53,6 +60,8 @@ def load(ckpt: str, *, dtype: Optional[str] = None, mesh: str = "auto"):
     place = choose_mesh(mesh)
     try:
         vlm = load_pretrained(ckpt, dtype=dtype, mesh=place)
+        if weights is not None:
+            vlm = vlm.with_weights(weights)
     except (OSError, CheckpointError, ConfigError, ValueError) as e:
         raise LoadError(f"--ckpt {ckpt}: {e}" if ckpt not in str(e) else str(e)) from None
     try:
