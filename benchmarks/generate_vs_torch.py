@@ -60,6 +60,8 @@ def model_config(name: str):
         # decoded token still reads real-shaped matrices and the real lm_head, at a sixth of the time.
         full = C.deepseek_vl_1p3b()
         return full.replace(text=dataclasses.replace(full.text, num_hidden_layers=4))
+    if name == "tiny":  # --dry-run: the tests' 1.3B-layout preset
+        return C.tiny(hybrid=False)
     if name == "small":
         # The 1.3B layout at 1/4 width and 4 layers, real vocabulary and real 384 px / 576-token images:
         # a regime where per-token overhead, not weight traffic, decides the decode speed.
@@ -248,7 +250,12 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default=None, help="where checkpoints go (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     ap.add_argument("--_worker", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="every side on the tiny preset: 4 new tokens, one round, batch 2 (what the tests run)")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        args.models, args.new_tokens, args.text_tokens, args.repeats, args.rounds, args.batch = \
+            ["tiny"], 4, 8, 1, 1, 2
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the parent's weight count must not look for a TPU
     if args._worker:
         worker, name, path, *rest = args._worker
@@ -296,6 +303,8 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"read_bandwidth": bw, "results": results}, indent=1))
         return 0
+    if args.dry_run:
+        print("dry run: the tiny preset, 4 tokens; the code path only, the timings mean nothing")
     print(f"prompt: 1 image + {args.text_tokens} text tokens, batch 1, {args.new_tokens} new tokens, greedy, "
           f"{os.cpu_count()} CPU cores; best of {args.rounds} alternating rounds x {args.repeats} calls; "
           f"memory read bandwidth {bw / 1e9:.1f} GB/s")

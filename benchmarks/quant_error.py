@@ -1,6 +1,8 @@
 """Logit error of bf16 and int8 weights against fp32 at the 1.3B LLM's real widths, random weights.
 
-    python benchmarks/quant_error.py [--layers 4] [--tokens 64] [--batch 2]
+    python benchmarks/quant_error.py [--layers 4] [--tokens 64] [--batch 2] [--dry-run]
+
+`--dry-run` (what `make test` runs): the tiny preset's LLM, 1 x 8 tokens.
 
 The 1.3B text config (hidden 2048, MLP 5632, 16 heads, vocabulary 102,400) with `--layers` of its 24
 decoder layers (the host holds fp32 + int8 + bf16 copies; all 24 need ~13 GB), weights drawn like
@@ -42,8 +44,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--dry-run", action="store_true", help="the tiny preset's LLM, 1 x 8 tokens")
     args = ap.parse_args(argv)
-    full = C.deepseek_vl_1p3b()
+    full = C.tiny(hybrid=False) if args.dry_run else C.deepseek_vl_1p3b()
+    if args.dry_run:
+        args.layers, args.tokens, args.batch = full.text.num_hidden_layers, 8, 1
     cfg = full.replace(text=dataclasses.replace(full.text, num_hidden_layers=args.layers))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.text.vocab_size, (args.batch, args.tokens)), jnp.int32)
     model = Decoder(cfg.text)
@@ -54,7 +59,7 @@ def main(argv=None) -> int:
     wrapped = {"language_model": params}  # convert_weights works on the VLM's tree paths
     base = logits_of(cfg, params, ids)
     spread = base.std()
-    print(f"1.3B LLM widths, {args.layers} of {full.text.num_hidden_layers} layers, {args.batch} x {args.tokens} "
+    print(f"{'tiny' if args.dry_run else '1.3B'} LLM widths, {args.layers} of {full.text.num_hidden_layers} layers, {args.batch} x {args.tokens} "
           f"random tokens; logit std {spread:.3f}")
     for w in ("bf16", "int8"):
         c, p = convert_weights(cfg, wrapped, w)

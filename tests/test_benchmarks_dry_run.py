@@ -24,6 +24,8 @@ LAST_LINE = {
     "benchmarks/data_throughput.py": r"1\.3b preprocessing[\s\S]*pipeline, 1 workers: +\d",
     "benchmarks/relpos_attention.py": r"CPU \(\d+ cores\)[\s\S]*reference +\d",
     "benchmarks/serve_load.py": r"batching speed-up: \d",
+    "benchmarks/generate_vs_torch.py": r"tiny +\d.*dsvl_jax int8 x1dev +\d[\s\S]*same greedy tokens",
+    "benchmarks/quant_error.py": r"int8: max rel error \d",
     "benchmarks/lora_vs_full.py": r"LoRA r=4 / full fine-tuning: trainable params 0\.\d+",
 }
 # run by tests/test_device_check.py (its --dry-run is checked row by row there)
