@@ -41,9 +41,9 @@ def inject(monkeypatch, *, nan_steps=(), inf_loss_steps=(), inf_grad_steps=()):
     def make_loss_fn(*args, **kw):
         loss_fn = real_loss_fn(*args, **kw)
 
-        def faulty(trainable, frozen, mb):
+        def faulty(trainable, frozen, mb, rng=None):  # the real loss_fn's signature (rng: LoRA dropout)
             step = mb["fault_step"][0]
-            loss, aux = loss_fn(trainable, frozen, {k: v for k, v in mb.items() if k != "fault_step"})
+            loss, aux = loss_fn(trainable, frozen, {k: v for k, v in mb.items() if k != "fault_step"}, rng)
             loss = loss * jnp.where(_at(step, nan_steps), jnp.nan, 1.0)  # NaN times the gradients too
             loss = loss + jax.lax.stop_gradient(jnp.where(_at(step, inf_loss_steps), jnp.inf, 0.0))
             if inf_grad_steps:  # the last leaf as paths sort; a term of value 0 whose gradient carries the Inf
