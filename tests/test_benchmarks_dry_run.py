@@ -30,6 +30,9 @@ LAST_LINE = {
 }
 # run by tests/test_device_check.py (its --dry-run is checked row by row there)
 ELSEWHERE = {"benchmarks/device_check.py"}
+# `make test-heavy` only: six subprocesses (a checkpoint, two transformers and three dsvl_jax sides), ~50 s on
+# 2 cores, which `make test`'s 12-minute budget does not hold; test_generation* and test_quant cover its parts.
+HEAVY = {"benchmarks/generate_vs_torch.py"}
 
 
 def documented_benchmark_commands() -> list[str]:
@@ -46,6 +49,7 @@ def documented_benchmark_commands() -> list[str]:
 
 
 COMMANDS = documented_benchmark_commands()
+PARAMS = [pytest.param(c, marks=pytest.mark.heavy) if BENCHMARK.match(c).group(1) in HEAVY else c for c in COMMANDS]
 
 
 def test_the_docs_name_the_benchmarks():
@@ -54,7 +58,7 @@ def test_the_docs_name_the_benchmarks():
     assert scripts <= set(LAST_LINE), f"a documented benchmark has no dry-run check here: {scripts - set(LAST_LINE)}"
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", PARAMS)
 def test_documented_benchmark_runs_dry(command):
     script = BENCHMARK.match(command).group(1)
     argv = [sys.executable] + command.split()[1:] + ["--dry-run"]
