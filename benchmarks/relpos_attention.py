@@ -45,8 +45,8 @@ def train_step(attention):
     return jax.value_and_grad(loss, argnums=tuple(range(5)))
 
 
-def relpos(impl, grid=None):
-    return train_step(functools.partial(relpos_attention, grid=grid or GRID, impl=impl))
+def relpos(impl, grid=GRID):
+    return train_step(functools.partial(relpos_attention, grid=grid, impl=impl))
 
 
 def no_bias(kind):
@@ -63,14 +63,14 @@ def no_bias(kind):
     return train_step(attention)
 
 
-def abstract_inputs(heads, dtype, sharding=None):
-    H, W = GRID
+def abstract_inputs(heads, dtype, sharding=None, grid=GRID):
+    H, W = grid
     qkv = jax.ShapeDtypeStruct((1, heads, H * W, HEAD_DIM), dtype, sharding=sharding)
     return (qkv, qkv, qkv, jax.ShapeDtypeStruct((2 * H - 1, HEAD_DIM), jnp.float32, sharding=sharding),
             jax.ShapeDtypeStruct((2 * W - 1, HEAD_DIM), jnp.float32, sharding=sharding))
 
 
-def tpu_section(topologies, heads):
+def tpu_section(topologies, heads, grid=GRID):
     if not topologies:
         return
     if importlib.util.find_spec("libtpu") is None:
@@ -78,12 +78,12 @@ def tpu_section(topologies, heads):
         return
     from jax.experimental import topologies as topo_lib
 
-    cases = [("pallas kernel (in-kernel bias)", relpos("pallas")),
-             ("XLA, materialised N x N bias", relpos("reference")),
-             ("XLA blockwise (query blocks)", relpos("blockwise")),
+    cases = [("pallas kernel (in-kernel bias)", relpos("pallas", grid)),
+             ("XLA, materialised N x N bias", relpos("reference", grid)),
+             ("XLA blockwise (query blocks)", relpos("blockwise", grid)),
              ("JAX flash, no bias", no_bias("flash")),
              ("XLA plain, no bias", no_bias("plain"))]
-    print(f"\nTPU ahead-of-time compile, fwd+bwd, 1 x {heads} heads x {GRID[0] * GRID[1]} x {HEAD_DIM}, bf16")
+    print(f"\nTPU ahead-of-time compile, fwd+bwd, 1 x {heads} heads x {grid[0] * grid[1]} x {HEAD_DIM}, bf16")
     print(f"{'topology':<11} {'implementation':<32} {'temp MiB':>9} {'compile s':>9}")
     for name in topologies:
         topo = topo_lib.get_topology_desc(platform="tpu", topology_name=name)
@@ -91,15 +91,15 @@ def tpu_section(topologies, heads):
         temps = {}
         for label, step in cases:
             t0 = time.perf_counter()
-            compiled = jax.jit(step).lower(*abstract_inputs(heads, jnp.bfloat16, sharding)).compile()
+            compiled = jax.jit(step).lower(*abstract_inputs(heads, jnp.bfloat16, sharding, grid)).compile()
             temps[label] = compiled.memory_analysis().temp_size_in_bytes
             print(f"{name:<11} {label:<32} {temps[label] / MIB:>9.1f} {time.perf_counter() - t0:>9.1f}", flush=True)
         kernel, xla = temps[cases[0][0]], temps[cases[1][0]]
         print(f"{name:<11} kernel / materialised-bias XLA = {kernel / xla:.4f} (target <= 0.125)")
 
 
-def concrete_inputs(heads, dtype, device, grid=None, head_dim=HEAD_DIM):
-    H, W = grid or GRID
+def concrete_inputs(heads, dtype, device, grid=GRID, head_dim=HEAD_DIM):
+    H, W = grid
     keys = jax.random.split(jax.random.key(0), 5)
     shape = (1, heads, H * W, head_dim)
     args = [jax.random.normal(keys[i], shape).astype(dtype) for i in range(3)]
@@ -108,13 +108,13 @@ def concrete_inputs(heads, dtype, device, grid=None, head_dim=HEAD_DIM):
     return [jax.device_put(a, device) for a in args]
 
 
-def time_on(device, impls, heads, dtype, repeats, label):
-    args = concrete_inputs(heads, dtype, device)
-    print(f"\n{label}: fwd+bwd, 1 x {heads} heads x {GRID[0] * GRID[1]} x {HEAD_DIM}, {jnp.dtype(dtype).name}")
+def time_on(device, impls, heads, dtype, repeats, label, grid=GRID):
+    args = concrete_inputs(heads, dtype, device, grid)
+    print(f"\n{label}: fwd+bwd, 1 x {heads} heads x {grid[0] * grid[1]} x {HEAD_DIM}, {jnp.dtype(dtype).name}")
     print(f"{'implementation':<12} {'temp MiB':>9} {'compile s':>9} {'median s':>9}")
     for impl in impls:
         t0 = time.perf_counter()
-        compiled = jax.jit(relpos(impl)).lower(*args).compile()
+        compiled = jax.jit(relpos(impl, grid)).lower(*args).compile()
         compile_s = time.perf_counter() - t0
         temp = compiled.memory_analysis().temp_size_in_bytes
         jax.block_until_ready(compiled(*args))  # warm-up
@@ -135,22 +135,22 @@ def main(argv=None):
     parser.add_argument("--skip-cpu", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="16 x 16 grid, 1 head, 1 repeat, v5p only")
     a = parser.parse_args(argv)
+    grid = GRID
     if a.dry_run:
-        global GRID
-        GRID = (16, 16)  # 256 tokens: the smallest grid whose sequence fills the TPU kernels' 128-row blocks
+        grid = (16, 16)  # 256 tokens: the smallest grid whose sequence fills the TPU kernels' 128-row blocks
         a.heads, a.cpu_heads, a.repeats, a.topologies = 1, 1, 1, "v5p:2x2x1"
 
-    tpu_section([t for t in a.topologies.split(",") if t], a.heads)
+    tpu_section([t for t in a.topologies.split(",") if t], a.heads, grid)
     if not a.skip_cpu:
         time_on(jax.devices("cpu")[0], ("blockwise", "reference"), a.cpu_heads, jnp.float32, a.repeats,
-                f"CPU ({os.cpu_count()} cores)")
+                f"CPU ({os.cpu_count()} cores)", grid)
     try:
         gpu = jax.devices("gpu")[0]
     except RuntimeError:
         print("\nGPU: none visible to JAX; skipped")
         return
     for dtype in (jnp.bfloat16, jnp.float32):
-        time_on(gpu, ("blockwise", "reference"), a.heads, dtype, a.repeats, f"GPU {gpu.device_kind}")
+        time_on(gpu, ("blockwise", "reference"), a.heads, dtype, a.repeats, f"GPU {gpu.device_kind}", grid)
 
 
 if __name__ == "__main__":
