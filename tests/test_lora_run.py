@@ -25,7 +25,7 @@ from dsvl_jax.train import lora_run
 from dsvl_jax.train.trainer import train
 from dsvl_jax.train.validate import ConfigError, check, model_config
 from tests.helpers import torch_ref as R
-from tests.helpers.train_fixtures import checkpoint_state, tiny_config
+from tests.helpers.train_fixtures import checkpoint_state, orbax_tree, tiny_config
 from tests.test_convert_transformers import hf_load
 
 TOL = 1e-4  # float32 logits of two frameworks (as tests/test_convert_transformers.py)
@@ -49,19 +49,34 @@ def run(text_corpus, tmp_path_factory):
     return wd, summary, checkpoint_state(wd, 3)
 
 
-def _split(state):
+def _split(state, wd=None):
+    """(params, adapters) of a step's state; with `wd`, the params include the run's frozen base (lora_base)."""
     params = {k[len("params/"):]: v for k, v in state.items() if k.startswith("params/")}
     adapters = {k[len("lora/"):]: v for k, v in state.items() if k.startswith("lora/")}
+    if wd is not None:
+        base = orbax_tree(os.path.join(wd, "lora_base"))
+        params.update({k[len("params/"):]: v for k, v in base.items()})
     return params, adapters
+
+
+def _bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
 
 
 def test_only_adapters_and_full_params_change(run, text_corpus):
     wd, _, state = run
-    params, adapters = _split(state)
     cfg = _cfg(text_corpus)
     mcfg = model_config(cfg)
+    # each step's checkpoint holds only what trains; the frozen base is written once, apart
+    assert set(_split(state)[0]) == {FULL}
+    base = {k[len("params/"):] for k in orbax_tree(os.path.join(wd, "lora_base"))}
+    assert base == set(param_shapes(mcfg)) - {FULL}
+    print(f"step 3 state {_bytes(os.path.join(wd, 'checkpoints', '3', 'state'))} B, "
+          f"lora_base {_bytes(os.path.join(wd, 'lora_base'))} B")
+    params, adapters = _split(state, wd)
     mesh = sharding.make_mesh(2, 2, 2)  # the run's: its init programs come from the compilation cache
     before = traverse_util.flatten_dict(jax.device_get(init_params(mcfg, mesh, cfg.seed)), sep="/")
+    assert params.keys() == before.keys()
     changed = {k for k in params if not np.array_equal(params[k], np.asarray(before[k]))}
     assert changed == {FULL}
     fresh = traverse_util.flatten_dict(jax.device_get(init_adapters(mcfg, mesh, lora_run.spec(cfg), cfg.seed + 1)),
@@ -121,7 +136,7 @@ def exported(run, tmp_path_factory):
 def _ours(run, ids):
     wd, _, state = run
     mcfg, _ = load_orbax_params(wd)
-    params, adapters = _split(state)
+    params, adapters = _split(state, wd)
     params = traverse_util.unflatten_dict(params, sep="/")
     spec = lora.LoraSpec(rank=4, alpha=8.0, targets=("llm",))  # no rng: no dropout (inference)
     module = DeepseekVL(mcfg)

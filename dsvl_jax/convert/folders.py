@@ -25,6 +25,7 @@ MODEL_CONFIG = "model_config.json"
 ALT_CONFIG = "config.json"  # accepted inside the checkpoints dir
 ITEM_NAMES = ("state", "data")
 STATE, DATA = ITEM_NAMES
+LORA_BASE = "lora_base"  # a LoRA run's frozen base params, written once beside its checkpoints (train/lora_checkpoint)
 
 
 class OrbaxError(CheckpointError):

@@ -5,6 +5,8 @@ A training workdir looks like this (the trainer writes it through `checkpoint_ma
     workdir/model_config.json            VLMConfig.to_dict()  (or checkpoints/config.json, same format)
     workdir/checkpoints/<step>/state     ocp.args.StandardSave(a `dsvl_jax.state.TrainState`: step, params, ...)
     workdir/checkpoints/<step>/data      the Grain iterator state (never read here)
+    workdir/lora_base                    a LoRA run's frozen base params ({"params": ...}), written once; its
+                                         steps' `state` holds only the params it trains (`train/lora_checkpoint`)
 
 Conversion reads **params only** (partial restore: optimizer state is neither needed nor loaded), as
 numpy arrays on the host, whatever mesh the checkpoint was saved from. Written checkpoints have a
@@ -27,7 +29,7 @@ from dsvl_jax.config import VLMConfig
 from dsvl_jax.convert import export
 # The folder contract lives in `folders` (jax-free); its names are part of this module's interface too.
 from dsvl_jax.convert.folders import (  # noqa: F401
-    ALT_CONFIG, CHECKPOINTS_DIR, DATA, ITEM_NAMES, MODEL_CONFIG, STATE, Location, OrbaxError, is_orbax, locate,
+    ALT_CONFIG, CHECKPOINTS_DIR, DATA, ITEM_NAMES, LORA_BASE, MODEL_CONFIG, STATE, Location, OrbaxError, is_orbax, locate,
     read_model_config)
 from dsvl_jax.models.quant import scale_paths
 from dsvl_jax.state import check_params, param_shapes
@@ -96,7 +98,10 @@ class OrbaxSource:
             keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
             raise OrbaxError(f"{state_dir}: the Orbax state has no 'params' (it holds {keys})")
         self._meta = have = traverse_util.flatten_dict(tree["params"], sep="/")
+        self._dir_of = dict.fromkeys(have, state_dir)  # where each param is read from
         want = param_shapes(cfg)
+        if "lora" in tree and set(want) - set(have):  # a LoRA run: the frozen base is apart, written once
+            self._add_lora_base(os.path.join(os.path.dirname(loc.config_path), LORA_BASE))
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         if missing or extra:
             raise OrbaxError(f"{state_dir}: params do not match {loc.config_path}: missing {missing[:4]}, "
@@ -110,7 +115,28 @@ class OrbaxSource:
         self._cache: dict = {}  # path → array, insertion order = recency
         self._cache_bytes = min(resident_bytes, 2**29)
 
+    def _add_lora_base(self, base_dir: str):
+        """The params a LoRA run's step lacks, from its `lora_base` (metadata only here)."""
+        if not os.path.isdir(base_dir):
+            raise OrbaxError(f"{self.state_dir}: a LoRA run's checkpoint holds only its trained params, and the "
+                             f"frozen base they need, {base_dir}, is missing")
+        try:
+            meta = self._ckpt.metadata(base_dir)
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+            base = traverse_util.flatten_dict(tree["params"], sep="/")
+        except Exception as e:  # Orbax raises a variety of types for unreadable folders
+            raise OrbaxError(f"{base_dir}: unreadable Orbax metadata ({type(e).__name__}: {e})") from None
+        for p, m in base.items():
+            if p not in self._meta:
+                self._meta[p], self._dir_of[p] = m, base_dir
+
     def _restore(self, paths: list) -> dict:
+        out = {}
+        for folder in dict.fromkeys(self._dir_of[p] for p in paths):  # the step's state, then a LoRA base
+            out.update(self._restore_from(folder, [p for p in paths if self._dir_of[p] == folder]))
+        return out
+
+    def _restore_from(self, folder: str, paths: list) -> dict:
         import orbax.checkpoint as ocp
         item = {"params": traverse_util.unflatten_dict({p: np.empty((0,), self._meta[p].dtype) for p in paths},
                                                        sep="/")}
@@ -118,11 +144,11 @@ class OrbaxSource:
                                                        sep="/")}
         previous = _drop_closed_loop_noise()  # from before the first read: the noise can outrun the error
         try:
-            out = self._ckpt.restore(self.state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
-                                                                                 partial_restore=True))
+            out = self._ckpt.restore(folder, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                         partial_restore=True))
         except (ValueError, OSError) as e:  # how tensorstore reports a data file missing or cut short
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OrbaxError(f"{self.state_dir}: damaged Orbax checkpoint: a data file is missing or truncated "
+            raise OrbaxError(f"{folder}: damaged Orbax checkpoint: a data file is missing or truncated "
                              f"({first})") from None
         sys.unraisablehook = previous  # a restore that worked leaves no reads behind
         return traverse_util.flatten_dict(out["params"], sep="/")

@@ -1,6 +1,7 @@
 """Orbax checkpoints of training: the state and the data iterator side by side, async saves every N
 steps, keep-N, resume from the latest *complete* step (Orbax finalises a step by an atomic rename, so a
-save cut short is never picked), restore onto any mesh, and SIGTERM / SIGINT → save and exit (preemption)."""
+save cut short is never picked), restore onto any mesh, and SIGTERM / SIGINT → save and exit (preemption).
+A LoRA run's checkpoints (`frozen_mask` given) hold the frozen base apart, written once: `lora_checkpoint`."""
 from __future__ import annotations
 
 import logging
@@ -15,13 +16,19 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from dsvl_jax.convert import orbax_io
+from dsvl_jax.train import lora_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, workdir: str, *, every: int, keep: int, async_save: bool = True, frozen_mask=None):
+        """`frozen_mask`: a LoRA run's trainable-params mask (True: trained in full); the params it leaves False
+        are saved once to workdir/lora_base rather than in every step (`lora_checkpoint`)."""
         self.every = every
+        self.workdir = workdir
+        self.frozen_mask = frozen_mask
+        self._base_saved = False  # by this run: at its first save, or found on restore
         # Folders are made in save() itself, so an unwritable workdir fails there at once with its OS error
         # (made asynchronously, the failure left the Grain item waiting minutes for a "directory created"
         # signal, then reported only that timeout). The data is still written in the background.
@@ -35,6 +42,15 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
         self.wait()  # (Orbax waits here anyway) a failed previous save is reported under its own step
+        if self.frozen_mask is not None:
+            state, frozen = lora_checkpoint.split(state, self.frozen_mask)
+            if not self._base_saved:
+                try:
+                    lora_checkpoint.save_base(self.workdir, frozen)
+                except (OSError, ValueError) as e:
+                    raise CheckpointSaveError(f"saving the frozen base under {lora_checkpoint.base_dir(self.workdir)} "
+                                              f"failed: {e}") from e
+                self._base_saved = True
         args = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iter)
@@ -51,7 +67,9 @@ class Checkpointer:
         """{param path: shape} of checkpoint `step`, from its metadata alone (nothing is restored)."""
         meta = ocp.PyTreeCheckpointer().metadata(os.path.join(str(self.manager.directory), str(step), "state"))
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()}
+        shapes = lora_checkpoint.base_shapes(self.workdir) if "lora" in tree else {}
+        shapes.update({k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()})
+        return shapes
 
     def has_adapters(self, step: int) -> bool:
         """Whether checkpoint `step` is a LoRA run's (its state holds "lora"), from its metadata alone."""
@@ -61,11 +79,26 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state, data_iter=None):
         """State restored onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding)."""
+        frozen = None
+        if self.frozen_mask is not None:
+            abstract_state, abstract_frozen = lora_checkpoint.split(abstract_state, self.frozen_mask)
+            if self.base_apart(step):
+                frozen = lora_checkpoint.restore_base(self.workdir, abstract_frozen)
+            else:  # written before the split, the whole params in the step: the next save writes the base
+                abstract_state = lora_checkpoint.join(abstract_state, abstract_frozen)
+            self._base_saved = frozen is not None
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"]
+        return restored["state"] if frozen is None else lora_checkpoint.join(restored["state"], frozen)
+
+    def base_apart(self, step: int) -> bool:
+        """Whether a LoRA run's checkpoint `step` lacks frozen params (they are in workdir/lora_base)."""
+        meta = ocp.PyTreeCheckpointer().metadata(os.path.join(str(self.manager.directory), str(step), "state"))
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+        saved = traverse_util.flatten_dict(tree["params"], sep="/")
+        return any(not v for k, v in traverse_util.flatten_dict(self.frozen_mask, sep="/").items() if k not in saved)
 
     def wait(self):
         try:

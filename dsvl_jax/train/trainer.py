@@ -178,7 +178,7 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
     n_train, n_total = stages.count(abstract, mask)
     tx, lr_fn = make_optimizer(config.optimizer, config.total_steps, mask)
     ckpt = Checkpointer(workdir, every=config.checkpoint.every, keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
+                        async_save=config.checkpoint.async_save, frozen_mask=mask if spec else None)
     latest = ckpt.latest_step()
     if latest is not None:  # checked before anything in the workdir is overwritten
         _check_resumable(ckpt, latest, abstract, config, workdir, spec)

@@ -73,10 +73,15 @@ def tiny_config(variant: str, sources, tokenizer, **overrides):
 def checkpoint_state(workdir: str, step: int) -> dict:
     """The whole `state` item of a trainer checkpoint (params, optimizer state, counters) as flat numpy
     arrays keyed by path; opt_state holds tuples, so everything is flattened."""
+    return orbax_tree(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def orbax_tree(path: str) -> dict:
+    """Every array of the Orbax PyTree folder `path` (a step's state, a LoRA run's lora_base) as flat numpy
+    arrays keyed by path."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
-    path = os.path.join(workdir, "checkpoints", str(step), "state")
     ckpt = ocp.PyTreeCheckpointer()
     meta = ckpt.metadata(path)
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
