@@ -242,7 +242,8 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
     analytic = flops.train_flops_per_step(cfg, batch_rows=batch, seq_len=seq_len,
                                           images_per_step=0 if text_only else batch * images_per_row,
                                           trainable_patterns=patterns, text_only=text_only,
-                                          loss_chunk=config.loss_chunk, num_tasks=num_tasks, sam_impl=sam_impl)
+                                          loss_chunk=config.loss_chunk, num_tasks=num_tasks, sam_impl=sam_impl,
+                                          lora_spec=spec)
     per_chip_devices = len(devices) // chips  # v4 topologies list both TensorCores of a chip
     peak = flops.peak_flops_per_device(devices[0].device_kind)
     return Plan(topology=topology, chips=chips, devices=len(devices), mesh=dict(mesh.shape), batch=batch,

@@ -8,6 +8,12 @@ forward only, while in stage 1 the frozen LLM still pays dX so that the aligner 
 Scanned stacks (SigLIP blocks, decoder layers) follow `lax.scan`'s rule: the carry has a tangent in
 every layer if any layer makes one, so dX is paid down to layer 0.
 
+A LoRA run (`lora_spec`) adds its adapters' matmuls to each adapted dense layer: forward x·A and (x·A)·B,
+2·rows·r·(in + out); backward dB, dh = dδ·Bᵀ and dA always (the adapters are trained: 2·rows·r·(2·out + in)),
+and dX through A only when x has a tangent. The adapters make the layer's output (and a scanned stack's carry)
+carry a tangent, so the frozen layers after the first adapted one pay their dX. Remat recompute of the adapter
+dots is not counted (`recompute` covers the base layers only).
+
 Conventions (all counts are multiply-adds × 2):
 - "total" = model FLOPs as our code computes them: decoder attention over the full T×T (the mask
   selects, nothing is skipped), SAM windows over the zero-padded map (64×64 → 70×70 = 25 windows of
@@ -41,6 +47,8 @@ from flax import traverse_util
 from dsvl_jax.config import VLMConfig
 from dsvl_jax.ops import relpos_blockwise, relpos_pallas
 from dsvl_jax.ops.relpos_attention import resolve_impl
+from dsvl_jax.models import lora
+from dsvl_jax.models.vlm import DeepseekVL, dummy_inputs
 from dsvl_jax.state import abstract_params
 from dsvl_jax.train.stages import trainable_mask
 
@@ -93,11 +101,33 @@ def _trainable_paths(cfg: VLMConfig, patterns: tuple) -> frozenset:
     return frozenset(k for k, m in mask.items() if m)
 
 
+@functools.lru_cache(maxsize=16)
+def _adapted_layers(cfg: VLMConfig, spec: lora.LoraSpec | None) -> dict:
+    """{dense-layer path: (in features, out features, rank)} of the layers `spec` adapts ({} without LoRA),
+    from the real (abstract) adapter tree: A is [(layers,) in…, r], B [(layers,) r, out…]."""
+    if spec is None:
+        return {}
+    arch = cfg.without_remat().replace(dtype="float32", param_dtype="float32")
+    ids, images = dummy_inputs(arch)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(lora.abstract_adapters(DeepseekVL(arch), spec, ids, **images)),
+                                      sep="/")
+    kernels = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(arch)), sep="/")
+    out = {}
+    for layer in lora.layer_paths(flat):
+        a, b = flat[f"{layer}/{lora.A_NAME}"].shape, flat[f"{layer}/{lora.B_NAME}"].shape
+        lead = 1 if (len(a) - 1) + (len(b) - 1) > len(kernels[f"{layer}/kernel"]) else 0  # stacked over layers
+        out[layer] = (math.prod(a[lead:-1]), math.prod(b[lead + 1:]), a[-1])
+    return out
+
+
 class _Tally:
     """FLOPs per part and phase, with the AD rules for what the backward computes."""
 
-    def __init__(self, trained: frozenset, remat):
-        self.trained, self.remat = trained, remat  # remat: tower ('sam', 'siglip', 'llm') -> policy
+    def __init__(self, trained: frozenset, remat, adapted: dict | None = None):
+        self.remat = remat  # remat: tower ('sam', 'siglip', 'llm') -> policy
+        self.adapted = adapted or {}  # LoRA: {dense-layer path: (in, out, rank)}
+        # an adapter's A and B are trained params under its layer (scan carries and output tangents follow)
+        self.trained = trained | {f"{m}/{n}" for m in self.adapted for n in (lora.A_NAME, lora.B_NAME)}
         self.fwd, self.bwd = defaultdict(float), defaultdict(float)
         self.recompute, self.overhead = defaultdict(float), defaultdict(float)
         self.llm_attention = 0.0
@@ -113,6 +143,11 @@ class _Tally:
         weight = weight or (None if module is None else module + "/kernel")
         self.fwd[part] += flops
         self.bwd[part] += flops * (int(x_tan) + int(self.tr(weight)))
+        if module in self.adapted:  # LoRA: (x·A)·B beside x·W
+            d_in, d_out, r = self.adapted[module]
+            rows = round(flops / (2 * d_in * d_out))
+            self.fwd[part] += 2 * rows * r * (d_in + d_out)
+            self.bwd[part] += 2 * rows * r * (2 * d_out + d_in + (d_in if x_tan else 0))
         return x_tan or self.tr(module) or self.tr(weight)
 
     def pair(self, part, flops, a_tan: bool, b_tan: bool) -> bool:
@@ -314,20 +349,23 @@ def _lm_head(T: _Tally, cfg: VLMConfig, b: int, t: int, h_tan: bool, loss_chunk,
 def train_flops_per_step(cfg: VLMConfig, *, batch_rows: int, seq_len: int, images_per_step: int,
                          trainable_patterns: Sequence[str], text_only: bool = False,
                          mean_segment_len: float | None = None, loss_chunk: int | None = None,
-                         num_tasks: int = 1, sam_impl: str | None = None) -> dict:
+                         num_tasks: int = 1, sam_impl: str | None = None,
+                         lora_spec: lora.LoraSpec | None = None) -> dict:
     """Analytic matmul/conv FLOPs of one `make_train_step` step (all micro-batches; see module doc).
 
     images_per_step: images the towers encode, i.e. every image slot of the batch ([B, N_slots] → B·N_slots,
     padding slots included: they are encoded, then dropped). loss_chunk: the step's `loss_chunk` (the
     sequence is padded to whole chunks for the logits). sam_impl: the SAM global-attention path that runs
     (default: `cfg.sam_attention_impl` resolved on this process's backend; pass "pallas" when compiling
-    for TPU from a CPU host). Returns per-part model FLOPs (forward + backward) and the totals.
+    for TPU from a CPU host). lora_spec: a LoRA run's adapters (their matmuls are counted; the base
+    params trained beside them are `trainable_patterns`). Returns per-part model FLOPs (forward + backward)
+    and the totals.
     """
     for name, val, low in (("batch_rows", batch_rows, 1), ("seq_len", seq_len, 1),
                            ("images_per_step", images_per_step, 0), ("num_tasks", num_tasks, 1)):
         if int(val) != val or val < low:
             raise ValueError(f"train_flops_per_step: {name}={val!r} must be an integer >= {low}")
-    T = _Tally(_trainable_paths(cfg, tuple(trainable_patterns)), cfg.tower_remat)
+    T = _Tally(_trainable_paths(cfg, tuple(trainable_patterns)), cfg.tower_remat, _adapted_layers(cfg, lora_spec))
     feats_t = False
     if not text_only and images_per_step:
         n = int(images_per_step)

@@ -222,7 +222,7 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
     flops = {t: flops_lib.train_flops_per_step(
         mcfg, batch_rows=config.batch_size, seq_len=config.seq_len,
         images_per_step=0 if t else config.batch_size * config.data.max_images_per_row, trainable_patterns=patterns,
-        text_only=t, loss_chunk=config.loss_chunk, num_tasks=num_tasks) for t in (False, True)}
+        text_only=t, loss_chunk=config.loss_chunk, num_tasks=num_tasks, lora_spec=spec) for t in (False, True)}
     summary, window, t_last = {}, [], time.perf_counter()
     preempt.arm()  # from here a signal saves what was trained
     try:
