@@ -80,7 +80,7 @@ from dsvl_jax.state import abstract_state, param_shardings
 from dsvl_jax.train import flops, hlo_collectives, lora_run, stages, validate
 from dsvl_jax.train.config_files import load_config
 from dsvl_jax.train.optimizer import make_optimizer
-from dsvl_jax.train.step import make_train_step
+from dsvl_jax.train.step import jit_train_step, make_train_step
 
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 
@@ -223,7 +223,7 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
     inputs = abstract_batch(cfg, mesh, batch, seq_len, images_per_row, text_only)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        jitted = jax.jit(step, donate_argnums=0)
+        jitted = jit_train_step(step, state)  # the trainer's program
         try:
             compiled = jitted.lower(state, inputs).compile()
         except jax.errors.JaxRuntimeError as e:

@@ -106,6 +106,16 @@ def make_train_step(module: DeepseekVL, tx: optax.GradientTransformation, mask, 
     return step
 
 
+def jit_train_step(step, abstract_state):
+    """`jax.jit(step)` with the state donated and returned on the shardings of `abstract_state` (the restore
+    target). Left free, XLA may return a param on another sharding than the logical rules' (e.g. the aligner's
+    kernel split over "tensor" too): every later step then runs a second program, whose float rounding differs
+    from the first one's, which a resumed run (restored onto the rules' shardings) runs; pinned, all steps of
+    a run and of its resumption run one program, and a resume is bit-identical."""
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    return jax.jit(step, donate_argnums=0, out_shardings=(shardings, None))
+
+
 def make_eval_step(module: DeepseekVL, *, num_tasks: int = 1, loss_chunk: int = 512, text_only: bool = False,
                    lora_spec=None):
     """(params, batch) → loss sums; with `lora_spec`, `params` holds the adapters too (`lora.with_adapters`)."""

@@ -36,7 +36,7 @@ from dsvl_jax.train.checkpointing import Checkpointer, Preemption
 from dsvl_jax.train.metrics import MetricWriter
 from dsvl_jax.train.optimizer import make_optimizer
 from dsvl_jax.train.stages import reinit
-from dsvl_jax.train.step import make_eval_step, make_train_step
+from dsvl_jax.train.step import jit_train_step, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,9 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
         os.replace(os.path.join(workdir, "train_config.json.tmp"), os.path.join(workdir, "train_config.json"))
     best = benchmarks.Best(workdir, config.keep_best, mcfg) if config.keep_best else None
     module = DeepseekVL(mcfg)
+    target = abstract_state(mcfg, mesh, tx, mask, spec)  # the state's shardings, restored or stepped
     if latest is not None:
-        state = ckpt.restore(latest, abstract_state(mcfg, mesh, tx, mask, spec), it)
+        state = ckpt.restore(latest, target, it)
     else:
         adapters = lora_run.initial_adapters(config, mcfg, mesh, spec) if spec else None
         state = make_state(initial_params(config, mcfg, mesh), tx, mask, mesh, mcfg, adapters, spec)
@@ -214,8 +215,8 @@ def _train(config, workdir: str, preempt: Preemption) -> dict:
                + (" (nothing to train)" if start >= stop else ""))
 
     kw = dict(num_tasks=num_tasks, grad_accum=config.grad_accum, loss_chunk=config.loss_chunk)
-    steps = {t: jax.jit(make_train_step(module, tx, mask, lr_fn, text_only=t, lora_spec=spec, seed=config.seed,
-                                        **kw), donate_argnums=0)
+    steps = {t: jit_train_step(make_train_step(module, tx, mask, lr_fn, text_only=t, lora_spec=spec,
+                                               seed=config.seed, **kw), target)
              for t in (False, True)}
     peak = flops_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.peak_tflops)
     # FLOPs actually computed: every image slot is encoded (padding slots too), text-only steps encode none.
