@@ -106,7 +106,8 @@ def cast_like(params, abstract):
 # the training state
 # ---------------------------------------------------------------------------------------------
 class TrainState(TypedDict):
-    """What the train step takes and returns, and what a training checkpoint's `state` item holds."""
+    """What the train step takes and returns, and what a training checkpoint's `state` item holds (a LoRA run's
+    steps hold only the params it trains; its frozen base is saved once apart: `train/lora_checkpoint`)."""
 
     step: jax.Array  # int32 scalar: steps taken
     params: dict  # the full param tree, frozen params included

@@ -1,6 +1,6 @@
 """A LoRA run of the trainer on the tiny config (text-only corpus, LoRA r=4 with dropout 0.1 on the LLM's
 projections, the final norm trained in full): only the adapters and the chosen full params move, the frozen base stays bit-identical
-with no optimizer state; 8 devices equal 1; stop + resume is bit-identical; the run exports as a PEFT adapter that
+with no optimizer state, written once to lora_base (each step's checkpoint lacks it); 8 devices equal 1; stop + resume is bit-identical; the run exports as a PEFT adapter that
 `peft.PeftModel.from_pretrained` loads onto transformers' model with our logits (and merged, without peft), and
 the adapter imports back bit-exactly."""
 import importlib.util
