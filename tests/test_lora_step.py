@@ -184,3 +184,5 @@ def test_a_checkpoint_with_the_whole_params_still_resumes_then_splits(one, tmp_p
     shutil.rmtree(os.path.join(wd, "lora_base"))
     with pytest.raises(orbax_io.OrbaxError, match=r"frozen base they need, .*lora_base, is missing"):
         orbax_io.OrbaxSource(wd, 2)
+    with pytest.raises(orbax_io.OrbaxError, match=r"lora_base: missing; a LoRA run's checkpoints hold only"):
+        Checkpointer(wd, every=1, keep=3, frozen_mask=one.mask).saved_param_shapes(2)

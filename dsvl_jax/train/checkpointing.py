@@ -67,7 +67,8 @@ class Checkpointer:
         """{param path: shape} of checkpoint `step`, from its metadata alone (nothing is restored)."""
         meta = ocp.PyTreeCheckpointer().metadata(os.path.join(str(self.manager.directory), str(step), "state"))
         tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-        shapes = lora_checkpoint.base_shapes(self.workdir) if "lora" in tree else {}
+        shapes = lora_checkpoint.base_shapes(self.workdir) if self.frozen_mask is not None and \
+            self.base_apart(step) else {}
         shapes.update({k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()})
         return shapes
 

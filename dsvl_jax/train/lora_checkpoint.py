@@ -50,21 +50,24 @@ def save_base(workdir: str, frozen) -> None:
         ckpt.save(base_dir(workdir), args=ocp.args.StandardSave({"params": frozen}), force=True)
 
 
-def restore_base(workdir: str, abstract_frozen):
-    """The frozen params from workdir/lora_base onto the shardings of `abstract_frozen`."""
+def require_base(workdir: str) -> str:
     path = base_dir(workdir)
     if not os.path.isdir(path):
         raise OrbaxError(f"{path}: missing; a LoRA run's checkpoints hold only the trained params and read the "
                          f"frozen base from there")
+    return path
+
+
+def restore_base(workdir: str, abstract_frozen):
+    """The frozen params from workdir/lora_base onto the shardings of `abstract_frozen`."""
+    path = require_base(workdir)
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckpt:
         return ckpt.restore(path, args=ocp.args.StandardRestore({"params": abstract_frozen}))["params"]
 
 
 def base_shapes(workdir: str) -> dict:
-    """{param path: shape} of workdir/lora_base from its metadata alone ({} when there is none)."""
-    path = base_dir(workdir)
-    if not os.path.isdir(path):
-        return {}
+    """{param path: shape} of workdir/lora_base from its metadata alone."""
+    path = require_base(workdir)
     meta = ocp.PyTreeCheckpointer().metadata(path)
     tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree["params"], sep="/").items()}
