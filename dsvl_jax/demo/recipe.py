@@ -94,7 +94,7 @@ def stage_config(stage: int, model: VLMConfig, *, tokenizer: str, sources: list[
                  steps: int, batch: int, seq_len: int, lr: float, seed: int, init_from: str = "",
                  train_sam: bool = False, warmup: int = 0, pack: bool = False, mm_warmup: int = 0,
                  images_per_row: int = 1, task_tags: bool = False, weight_decay: float = 0.0,
-                 lr_mult: dict | None = None) -> ml_collections.ConfigDict:
+                 lr_mult: dict | None = None, lora_rank: int = 0) -> ml_collections.ConfigDict:
     c = base(model)
     c.stage = stage
     groups = STAGE_GROUPS[stage] + (("sam",) if train_sam and stage == 3 else ())
@@ -117,6 +117,12 @@ def stage_config(stage: int, model: VLMConfig, *, tokenizer: str, sources: list[
     c.data.mm_warmup_steps = mm_warmup
     c.data.max_images_per_row = images_per_row
     c.data.task_tag_prompt = task_tags
+    if lora_rank and stage == 3:
+        # LoRA SFT (`--lora R`): rank-R adapters (alpha 2R) on every LLM projection instead of the LLM in full; the
+        # stage's other groups (adaptor, SigLIP, SAM: from scratch here) train in full, as `config_base.lora_sft`
+        # trains the adaptor. Same data, steps and learning rate as full stage 3, so the two compare.
+        c.lora.rank, c.lora.alpha, c.lora.dropout = lora_rank, 2.0 * lora_rank, 0.0
+        c.lora.targets, c.lora.full = ("llm",), tuple(g for g in groups if g != "llm")
     c.checkpoint.every = steps
     c.checkpoint.keep = 1
     c.checkpoint.async_save = False
