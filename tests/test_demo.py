@@ -67,6 +67,12 @@ def test_bad_family_is_named():
         cli.settings_from_args(["--families", "document,nope"])
 
 
+def test_read_share_flag():
+    assert cli.settings_from_args(["--read-share", "0"]).read_share == 0.0
+    with pytest.raises(SystemExit, match="--read-share 1.5"):
+        cli.settings_from_args(["--read-share", "1.5"])
+
+
 def test_lora_flag_makes_stage_3_a_lora_run():
     assert cli.settings_from_args(["--lora", "8"]).lora_rank == 8
     with pytest.raises(SystemExit, match="--lora -1"):

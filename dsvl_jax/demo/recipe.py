@@ -30,6 +30,12 @@ What the diagnosis measured (issue 13; 300 held-out requests, so ±2-3 points of
   button, the circle among five shapes) and read it, learned from random weights. At stage-3 step 250 no
   variant reads the image (images shuffled score the same), even for the binary "trend up or down" (50 %).
   The single-shape probe, which needs no search, learns in 200 steps.
+- Not the transcriptions: they hold ~95 % of stage 3's supervised tokens at `read_share` 0.5 (a request's answer is
+  1-3 tokens, a transcription 40-100), but stage 3 alone without them (`--steps 0,0,300 --read-share 0`) scores
+  12.7 % at step 300 with images shuffled scoring the same 12.7 %, family by family: the answers do not depend
+  on the picture at all (each question kind gets its prior answer). A 2-D sin-cos initial position table for
+  both towers (amplitude 0.2, tried outside the repository; the released towers learn theirs from zeros or
+  noise) gave the same: 13.0 %, shuffled 13.0 %.
 - Compute: three times the stage-3 steps on never-repeating images (`--steps 60,60,3000 --stream`) reaches
   21.0 % (images shuffled 14.0 %) against 17.7 % for the default. The gain is in chart (42 %), ui (28 %) and
   scene (36 %); document, table and map, whose answers are printed text, stay at the shuffled level: reading
