@@ -11,7 +11,7 @@ import pytest
 
 from dsvl_jax import tasks
 from dsvl_jax.convert.orbax_io import load_orbax_params
-from dsvl_jax.demo import cli, evaluate
+from dsvl_jax.demo import cli, evaluate, recipe
 from dsvl_jax.demo.captions import describe
 from dsvl_jax.demo.run import parse_steps
 
@@ -65,6 +65,34 @@ def test_steps_flag():
 def test_bad_family_is_named():
     with pytest.raises(SystemExit, match="nope"):
         cli.settings_from_args(["--families", "document,nope"])
+
+
+def test_read_share_flag():
+    assert cli.settings_from_args(["--read-share", "0"]).read_share == 0.0
+    with pytest.raises(SystemExit, match="--read-share 1.5"):
+        cli.settings_from_args(["--read-share", "1.5"])
+
+
+def test_lora_flag_makes_stage_3_a_lora_run():
+    assert cli.settings_from_args(["--lora", "8"]).lora_rank == 8
+    with pytest.raises(SystemExit, match="--lora -1"):
+        cli.settings_from_args(["--lora", "-1"])
+    model = recipe.demo_model(300, 299)
+    kw = dict(tokenizer="t.json", sources=[], tasks=("chart",), steps=10, batch=4, seq_len=64, lr=1e-3, seed=0,
+              train_sam=True, lora_rank=8)
+    c3, c2 = recipe.stage_config(3, model, **kw), recipe.stage_config(2, model, **kw)
+    assert (c3.lora.rank, c3.lora.alpha, tuple(c3.lora.targets)) == (8, 16.0, ("llm",))
+    assert tuple(c3.lora.full) == ("adaptor", "siglip", "sam")  # every other group of stage 3 still in full
+    assert c2.lora.rank == 0  # stages 1-2 are unchanged
+
+
+@pytest.mark.heavy
+def test_quick_demo_with_lora_scores_the_merged_model(tmp_path, capsys):
+    assert cli.main(["--quick", "--lora", "4", "--workdir", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "trains LoRA r=4 on the LLM, adaptor, siglip, sam in full" in out
+    summary = json.load(open(tmp_path / "demo" / "summary.json"))
+    assert summary["dsvl_eval"]["equal"] and summary["transformers"]["same_answer"]
 
 
 def test_captions_name_every_drawn_string():

@@ -42,6 +42,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-size", type=int, default=d.n_eval, help="held-out requests scored")
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--read-share", type=float, default=d.read_share,
+                   help="share of stage 3's requests that are transcriptions ('Read everything in the image.')")
+    p.add_argument("--lora", type=int, default=d.lora_rank, metavar="R",
+                   help="stage 3 trains rank-R LoRA adapters on the LLM (alpha 2R) instead of the LLM in full; "
+                   "the adaptor and towers still train in full (0: off)")
     p.add_argument("--freeze-sam", action="store_true", help="keep SAM frozen in stage 3, as the paper")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="also score the held-out split every N stage-3 "
                    "steps: the accuracy-versus-time curve")
@@ -70,7 +75,12 @@ def settings_from_args(argv=None) -> Settings:
                  lr_mult=lr_mult, families=families, seed=a.seed, image_size=a.image_size,
                  token_merge=merges, task_tags=tags, difficulty=a.difficulty, n_train=a.train_size, n_text=max(1, a.train_size // 4),
                  n_eval=a.eval_size, batch=a.batch, lr=a.lr, train_sam=not a.freeze_sam,
-                 check_transformers=not a.no_transformers, eval_every=max(0, a.eval_every))
+                 check_transformers=not a.no_transformers, eval_every=max(0, a.eval_every), lora_rank=a.lora,
+                 read_share=a.read_share)
+    if not 0 <= a.read_share < 1:
+        raise SystemExit(f"--read-share {a.read_share}: expected a share in [0, 1)")
+    if a.lora < 0:
+        raise SystemExit(f"--lora {a.lora}: expected a rank ≥ 1, or 0 for full fine-tuning")
     if a.quick:
         s = dataclasses.replace(s, **QUICK)
     return s

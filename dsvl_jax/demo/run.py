@@ -20,6 +20,8 @@ import jax
 from tqdm import tqdm
 
 from dsvl_jax import sharding, tasks
+from dsvl_jax.convert import lora_orbax
+from dsvl_jax.convert.load import load_pretrained
 from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.demo import data, evaluate, hf_check, recipe, report
 from dsvl_jax.demo.recipe import ModelSize
@@ -71,6 +73,7 @@ class Settings:
     eval_every: int = 250  # > 0: score the held-out split every this many stage-3 steps (the learning curve)
     fresh: bool = True  # remove an earlier run's folders first (stages would otherwise resume)
     layers: tuple[int, int, int] | None = None  # (SAM, SigLIP, LM) blocks; None = `ModelSize`'s
+    lora_rank: int = 0  # > 0: stage 3 trains rank-r LoRA adapters on the LLM instead of the LLM in full
 
 
 class Clock:
@@ -173,7 +176,8 @@ def run(s: Settings) -> dict:
         os.path.join(workdir, "report.png"), curve=shown.curve, families=list(shown.after.per_family),
         columns={k: v.per_family for k, v in columns.items()},
         examples=_grid_examples(heldout, shown.after),
-        title=f"dsvl_jax demo: {shown.key}, {s.stage0 + sum(s.steps)} steps, {len(heldout)} held-out requests")
+        title=f"dsvl_jax demo: {shown.key}{f', stage 3 LoRA r={s.lora_rank}' if s.lora_rank else ''}, "
+              f"{s.stage0 + sum(s.steps)} steps, {len(heldout)} held-out requests")
     _say(f"\nreport: {summary['report']}")
     if "transformers_scores" in summary.get("transformers", {}):
         summary["transformers"]["transformers_scores"] = summary["transformers"]["transformers_scores"].as_dict()
@@ -209,6 +213,11 @@ def variant_name(merge: int, tags: bool) -> str:
     return f"merge{merge}" + ("_tags" if tags else "")
 
 
+def _load(stage_dir: str) -> VLM:
+    """The model a stage folder's latest checkpoint holds; a LoRA run's adapters merged into its kernels."""
+    return load_pretrained(stage_dir) if lora_orbax.is_lora_run(stage_dir) else VLM(*load_orbax_params(stage_dir))
+
+
 def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, seen, prior, budget, merge: int,
                      tags: bool) -> tuple[dict, Variant]:
     """Stages (0 →) 1 → 2 → 3 of one variant (token merge, task-tag prompting), scored before, during and after."""
@@ -233,10 +242,12 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
             stage, model, tokenizer=corpus.tokenizer, sources=_sources(stage, corpus, s),
             tasks=s.families, steps=steps, batch=s.batch, seq_len=_seq_len(s, model), lr=s.lr, seed=s.seed,
             init_from=prev, train_sam=s.train_sam, pack=True, images_per_row=s.images_per_row,
-            task_tags=tags and stage in s.tag_stages, weight_decay=s.weight_decay, lr_mult=dict(s.lr_mult))
+            task_tags=tags and stage in s.tag_stages, weight_decay=s.weight_decay, lr_mult=dict(s.lr_mult),
+            lora_rank=s.lora_rank)
         wd = os.path.join(run_dir, f"stage{stage}")
-        _say(f"\n{STAGE_NAMES[stage]}: {steps} steps of {s.batch} rows x {cfg.seq_len} tokens, trains "
-             f"{', '.join(cfg.trainable)}"
+        trains = ', '.join(cfg.trainable) if not cfg.lora.rank else \
+            f"LoRA r={cfg.lora.rank} on the LLM, {', '.join(cfg.lora.full)} in full"
+        _say(f"\n{STAGE_NAMES[stage]}: {steps} steps of {s.batch} rows x {cfg.seq_len} tokens, trains {trains}"
              + (" (SAM too: nothing here is pretrained; see dsvl_jax/demo/recipe.py)" if "sam" in cfg.trainable
                 else ""))
         chunk = s.eval_every if stage == 3 and s.eval_every else 0
@@ -248,7 +259,7 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
             out = clock.run(name, train, cfg, wd)
             walls, cpus = walls + clock.phases[name]["wall_s"], cpus + clock.phases[name]["cpu_s"]
             if chunk:
-                sc = evaluate.score(VLM(*load_orbax_params(wd)), processor, heldout, **ev)
+                sc = evaluate.score(_load(wd), processor, heldout, **ev)
                 point = {"stage3_step": int(out["step"]), "demo_wall_s": clock.total,
                          "train_wall_s": sum(t["wall_s"] for t in stage_times.values()) + walls,
                          "mean": sc.mean, "per_family": sc.per_family}
@@ -258,7 +269,7 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
         clock.phases[name] = stage_times[stage] = {"wall_s": walls, "cpu_s": cpus}
         _say(f"{STAGE_NAMES[stage]}: loss {out.get('loss', float('nan')):.3f}, {walls:.0f}s wall")
         prev = wd
-    vlm = VLM(*load_orbax_params(prev))
+    vlm = _load(prev)
     after = clock.run(f"{key}/eval_after", evaluate.score, vlm, processor, heldout, **ev)
     shuffled = clock.run(f"{key}/eval_shuffled", evaluate.score, vlm, processor,
                          evaluate.with_shuffled_images(heldout, s.seed), **ev)
