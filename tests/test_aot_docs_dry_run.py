@@ -20,7 +20,9 @@ import sys
 
 import pytest
 
-from dsvl_jax.train.aot_dry_run import DRY_RUN_BANNER
+from dsvl_jax import config as C
+from dsvl_jax.train import aot
+from dsvl_jax.train.aot_dry_run import DRY_RUN_BANNER, tiny_model_like
 from tests.test_readme_commands import ROOT, config_commands, readme_commands, tpu_readme_commands
 from tpu import compile_all
 
@@ -74,6 +76,30 @@ def test_the_docs_show_the_aot_commands():
     assert FAST <= set(COMMANDS), f"a make-test command is no longer documented: {FAST - set(COMMANDS)}"
     assert any("--slices" in c for c in COMMANDS) and any("configs/tpu/" in c for c in COMMANDS)
     assert len(COMMANDS) >= 12, COMMANDS
+
+
+@pytest.mark.parametrize("preset", ["deepseek_vl_7b", "deepseek_vl_1p3b"])
+def test_the_dry_run_model_has_the_real_layout(preset):
+    real = C.preset(preset).replace(dtype="bfloat16", remat_policy="dots_no_batch", remat_policy_sam="full",
+                                    sam_attention_impl="blockwise", quantization="int8")
+    small = tiny_model_like(real)
+    assert (small.sam is None) == (real.sam is None) and small.adapter == real.adapter
+    for key in ("dtype", "param_dtype", "remat_policy", "remat_policy_sam", "remat_policy_siglip", "remat_policy_llm",
+                "sam_attention_impl", "quantization", "unused_hybrid_norms", "token_merge"):
+        assert getattr(small, key) == getattr(real, key), key
+    assert small.text.num_key_value_heads == small.text.num_attention_heads  # both released sizes are multi-head
+    assert small.text.hidden_size < 100 and small.siglip.image_size < 100
+
+
+def test_a_dry_run_checks_the_arguments_as_a_real_run_does(capsys):
+    """The config's batch is checked against the real mesh before anything is shrunk."""
+    with pytest.raises(SystemExit, match=r"--batch 6 is not divisible by data x fsdp \(4\)"):
+        aot.main(["--config", os.path.join(ROOT, "configs", "deepseek_vl_7b.py") + ":stage2", "--topology", "v5p:2x2x1", "--batch", "6",
+                  "--dry-run"])
+    with pytest.raises(SystemExit, match="--topology"):
+        aot.main(["--config", os.path.join(ROOT, "configs", "deepseek_vl_7b.py") + ":stage2", "--topology", "v9z:2x2", "--dry-run"])
+    with pytest.raises(SystemExit, match="--only v5p_65"):
+        compile_all.main(["--only", "v5p_65", "--dry-run"])
 
 
 def _run_dry(commands: list[str], tmp_path) -> list[dict]:
