@@ -37,7 +37,8 @@ MEMORY_LINE = {
     "tools/aot_compile.py": r"^  memory per chip: arguments [\d.e+-]+ GiB, .* temp [\d.e+-]+ -> total [\d.e+-]+ GiB "
                             r"of \d+ GiB HBM \(fits\)$",
     "tpu/compile_all.py": r"^ +memory [\d.e+-]+ of \d+ GiB per chip \(fits; temp [\d.e+-]+\)",
-    "tools/aot_decode.py": r"^  (fp32|bf16|int8) +arguments per chip +[\d.]+ MiB \(weights \+ cache\), temp +[\d.]+ MiB",
+    "tools/aot_decode.py": r"^  (fp32|bf16|int8) +arguments per chip +[\d.]+ MiB \(weights \+ cache\), "
+                           r"temp +[\d.]+ MiB",
 }
 # `make test`: one command of each tool, a SigLIP-only (1.3B) and a hybrid (7B) train step: about 30 s of CPU.
 FAST = {
@@ -93,11 +94,11 @@ def test_the_dry_run_model_has_the_real_layout(preset):
 
 def test_a_dry_run_checks_the_arguments_as_a_real_run_does(capsys):
     """The config's batch is checked against the real mesh before anything is shrunk."""
+    stage2 = os.path.join(ROOT, "configs", "deepseek_vl_7b.py") + ":stage2"
     with pytest.raises(SystemExit, match=r"--batch 6 is not divisible by data x fsdp \(4\)"):
-        aot.main(["--config", os.path.join(ROOT, "configs", "deepseek_vl_7b.py") + ":stage2", "--topology", "v5p:2x2x1", "--batch", "6",
-                  "--dry-run"])
+        aot.main(["--config", stage2, "--topology", "v5p:2x2x1", "--batch", "6", "--dry-run"])
     with pytest.raises(SystemExit, match="--topology"):
-        aot.main(["--config", os.path.join(ROOT, "configs", "deepseek_vl_7b.py") + ":stage2", "--topology", "v9z:2x2", "--dry-run"])
+        aot.main(["--config", stage2, "--topology", "v9z:2x2", "--dry-run"])
     with pytest.raises(SystemExit, match="--only v5p_65"):
         compile_all.main(["--only", "v5p_65", "--dry-run"])
 
