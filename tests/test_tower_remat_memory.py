@@ -15,6 +15,8 @@ the bound counts). This caught SAM's blocks, called in a Python loop, losing the
 unchanged, 16.37 MB both ways, until `maybe_remat(..., scanned=False)` set prevent_cse).
 The direction is a property of this layout's memory plan, not a law: with two GLOBAL SAM blocks at these widths
 the plan's peak lies elsewhere and full remat raises SAM's temp (14.1 -> 16.0 MB, libtpu 0.0.42.1).
+`make test` compiles SigLIP (~4 s) and checks SAM's prevent_cse in a trace (~0.5 s); SAM's two compiles (~16 s
+on 2 busy cores) are `make test-heavy`.
 """
 from __future__ import annotations
 
@@ -35,10 +37,7 @@ from dsvl_jax.train.aot import describe_topology
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # only compiling: share libtpu with other processes
 
-pytestmark = [
-    pytest.mark.tpu_aot,
-    pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed"),
-]
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
 
 IMAGES = 4
 
@@ -71,6 +70,9 @@ def probabilities_bytes(heads: int, tokens: int) -> int:
     return IMAGES * heads * tokens * tokens * 4
 
 
+@pytest.mark.heavy  # 2 SAM compiles, ~16 s on 2 busy cores; make test checks its cause below, in a trace
+@pytest.mark.tpu_aot
+@needs_libtpu
 def test_full_remat_of_sam_lowers_its_compiled_temp_memory():
     sam = lambda policy: SamTower(SAM, TINY.hd_output_size, "reference", remat_policy=policy)
     none, full = tower_temp_bytes(sam("none"), SAM.image_size), tower_temp_bytes(sam("full"), SAM.image_size)
@@ -78,7 +80,20 @@ def test_full_remat_of_sam_lowers_its_compiled_temp_memory():
     assert none - full >= probabilities_bytes(SAM.num_attention_heads, SAM.grid ** 2), (none, full)
 
 
+@pytest.mark.tpu_aot
+@needs_libtpu
 def test_full_remat_of_siglip_lowers_its_compiled_temp_memory():
     none = tower_temp_bytes(SiglipTower(SIGLIP), SIGLIP.image_size)
     full = tower_temp_bytes(SiglipTower(SIGLIP, remat_policy="full"), SIGLIP.image_size)
     assert none - full >= probabilities_bytes(SIGLIP.num_attention_heads, SIGLIP.num_patches), (none, full)
+
+
+def test_sam_remat_is_kept_apart_from_the_forward():
+    """What the heavy SAM test above needs, in the trace: each of SAM's blocks (a Python loop, not a scan) is
+    rematerialized with prevent_cse, else XLA merges the backward's recomputation into the forward."""
+    module = SamTower(SAM, TINY.hd_output_size, "reference", remat_policy="full")
+    pixels = jnp.zeros((1, SAM.image_size, SAM.image_size, 3))
+    params = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), pixels)))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: jnp.mean(jnp.square(module.apply(p, x)))))(params, pixels)
+    remats = [e for e in jaxpr.jaxpr.eqns if e.primitive.name.startswith("remat")]
+    assert len(remats) == SAM.num_hidden_layers and all(e.params["prevent_cse"] for e in remats), remats
