@@ -17,9 +17,9 @@ LLM projection, the adaptor MLP (aligner/) in full, everything else frozen (no o
         --config.data.tokenizer=... --config.data.sources_json='[...]'
     dsvl-convert LOCAL_COPY_OF_WORKDIR 7b-peft --to peft     # adapter_config.json + adapter_model.safetensors
     dsvl-convert LOCAL_COPY_OF_WORKDIR 7b-merged --to hf --merge
-  AOT per-chip memory on v5p-8: not measured (`python tools/aot_compile.py --config configs/deepseek_vl_7b.py:lora
-  --topology v5p:2x2x1 --grad-accum 16` compiles it; a 7B compile takes 15-30 min on the 2-core dev host and was
-  not run; the 1.3B's LoRA / full figures are in configs/deepseek_vl_1p3b.py).
+  AOT per-chip memory on v5p-8: not measured (a 7B compile takes 15-30 min on the 2-core dev host; the 1.3B's
+  LoRA / full figures are in configs/deepseek_vl_1p3b.py). This compiles it:
+  `python tools/aot_compile.py --config configs/deepseek_vl_7b.py:lora --topology v5p:2x2x1 --grad-accum 16`.
 """
 from dsvl_jax.config import deepseek_vl_7b
 from dsvl_jax.train.config_base import lora_sft, released_size_config

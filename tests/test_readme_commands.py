@@ -33,9 +33,9 @@ ELSEWHERE = [
     (r"^python -m dsvl_jax\.demo\.diagnose", "tests/test_demo.py"),
     (r"^python3? benchmarks/device_check\.py", "tests/test_device_check.py (--dry-run)"),
     (r"^python3? benchmarks/", "tests/test_benchmarks_dry_run.py (the same command with --dry-run: tiny shapes)"),
-    (r"^python tools/aot_compile\.py", "tests/test_train_aot.py (the same tool on the tiny config)"),
-    (r"^python tools/aot_decode\.py", "tests/test_quant_tpu_aot.py (heavy: the same tool on the tiny config)"),
-    (r"^python tpu/compile_all\.py", "tests/test_train_aot.py (the per-slice compile, tiny config)"),
+    (r"^python tools/aot_compile\.py", "tests/test_aot_docs_dry_run.py (the same command with --dry-run)"),
+    (r"^python tools/aot_decode\.py", "tests/test_aot_docs_dry_run.py (the same command with --dry-run)"),
+    (r"^python tpu/compile_all\.py", "tests/test_aot_docs_dry_run.py (the same command with --dry-run)"),
     (r"^python tpu/local_cluster\.py", "tests/test_multiprocess.py"),
     (r"^python -m dsvl_jax\.eval\.suite_tsv", "tests/test_eval_cli.py"),
     (r"^dsvl-eval ", "tests/test_eval_cli.py; the first run calls dsvl-eval"),
@@ -89,6 +89,15 @@ def readme_commands() -> tuple[list[str], str, list[str]]:
             others += [_strip_comment(c) for c in _join_continuations(body.splitlines())]
     others += [s for s in _spans(text) if " " in s]  # a bare tool name in prose is a name, not a command
     return [c for c in run if c], first_python, [c for c in others if COMMAND.match(c)]
+
+
+def tpu_readme_commands() -> list[str]:
+    """The commands of tpu/README.md: its bash blocks and inline spans (tests/test_aot_docs_dry_run.py runs the
+    AOT ones)."""
+    text = open(os.path.join(ROOT, "tpu", "README.md"), encoding="utf-8").read()
+    cmds = [_strip_comment(c) for lang, body in _blocks(text) if lang == "bash"
+            for c in _join_continuations(body.splitlines())]
+    return [c for c in cmds + [s for s in _spans(text) if " " in s] if COMMAND.match(c)]
 
 
 def config_commands() -> dict[str, list[str]]:

@@ -4,7 +4,8 @@ memory and the element types of the compiled program's dot operands, for fp32 / 
     python tools/aot_decode.py --preset deepseek_vl_1p3b --topology v5e:2x2 --tensor 4 [--weights fp32 bf16 int8]
 
 int8 should show about a quarter of fp32's per-chip bytes for the LLM linears (the vision towers and
-embeddings stay float).
+embeddings stay float). `--dry-run`: the same topology, mesh and weight types for a tiny model of the preset's
+layout and a small cache (`dsvl_jax.train.aot_dry_run`), in seconds.
 """
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ from dsvl_jax.models.quant import convert_weights  # noqa: E402
 from dsvl_jax.models.vlm import DeepseekVL  # noqa: E402
 from dsvl_jax.state import param_shardings  # noqa: E402
 from dsvl_jax.train.aot import describe_topology  # noqa: E402
+from dsvl_jax.train.aot_dry_run import DRY_RUN_BANNER, DRY_RUN_DECODE_SLOTS, DRY_RUN_HELP, tiny_model_like  # noqa: E402
 
-def model_config(preset: str, weights: str) -> C.VLMConfig:
+def model_config(preset: str, weights: str, dry_run: bool = False) -> C.VLMConfig:
     cfg = C.preset(preset) if preset != "tiny" else C.tiny(hybrid=False)
+    if dry_run:
+        cfg = tiny_model_like(cfg)
     float_cfg = cfg.replace(dtype="bfloat16" if weights == "bf16" else "float32",
                             param_dtype="bfloat16" if weights == "bf16" else "float32")
     return float_cfg.replace(quantization="int8") if weights == "int8" else float_cfg
@@ -88,14 +92,25 @@ def main(argv=None) -> int:
     ap.add_argument("--tensor", type=int, default=4, help="tensor-parallel size (the rest goes to data)")
     ap.add_argument("--weights", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
     ap.add_argument("--slots", type=int, default=1024, help="KV cache slots")
+    ap.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP + f"; {DRY_RUN_DECODE_SLOTS} cache slots")
     args = ap.parse_args(argv)
+    if args.preset not in C.PRESETS:
+        raise SystemExit(f"--preset {args.preset!r}: expected one of {sorted(C.PRESETS)}")
+    if args.slots < 1:
+        raise SystemExit(f"--slots {args.slots}: must be at least 1")
     devices, gen, chips = describe_topology(args.topology)
-    mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=args.tensor, devices=devices)
-    print(f"{args.preset} decode step, batch 1, {args.slots} cache slots, {args.topology} ({chips} chips), "
+    try:
+        mesh = sharding.make_mesh(data=-1, fsdp=1, tensor=args.tensor, devices=devices)
+    except (ValueError, AssertionError) as e:
+        raise SystemExit(f"--tensor {args.tensor}: {e}") from None
+    slots = DRY_RUN_DECODE_SLOTS if args.dry_run else args.slots
+    if args.dry_run:
+        print(DRY_RUN_BANNER)
+    print(f"{args.preset} decode step, batch 1, {slots} cache slots, {args.topology} ({chips} chips), "
           f"mesh {dict(mesh.shape)}")
     for w in args.weights:
-        cfg = model_config(args.preset, w)
-        compiled, _ = compile_step(cfg, mesh, 1, args.slots)
+        cfg = model_config(args.preset, w, args.dry_run)
+        compiled, _ = compile_step(cfg, mesh, 1, slots)
         mem = compiled.memory_analysis()
         use = int8_weight_use(compiled.as_text())
         print(f"  {w:5} arguments per chip {mem.argument_size_in_bytes / 2**20:9.2f} MiB (weights + cache), "

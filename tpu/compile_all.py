@@ -3,6 +3,7 @@ a CPU-only host through libtpu, and print what each needs per chip and what it s
 
     python tpu/compile_all.py                        # all, one fresh process per compile
     python tpu/compile_all.py --only v5p_64:7b_stage2 --json /tmp/v5p_64.json
+    python tpu/compile_all.py --only v5p_64 --dry-run  # the same variants, a tiny model of their layout, in seconds
 
 Per variant: mesh, micro-batch, XLA's per-chip memory plan against the chip's HBM (the check to run
 before paying for a slice), the analytic model FLOPs per step (`dsvl_jax.train.flops`, MFU's numerator)
@@ -13,7 +14,8 @@ cost model is no help here: its `optimal_seconds` for these programs is negative
 0.0.42.1), and it counts each loop body once.
 
 Each compile runs in its own process (the 7B on a pod-sized topology needs a few GiB of host memory and
-10-30 min on 2 cores); a variant that does not fit is reported, not fatal.
+10-30 min on 2 cores); a variant that does not fit is reported, not fatal. `--dry-run` compiles each variant
+in this process, for a tiny model of its layout at tiny shapes (`dsvl_jax.train.aot_dry_run`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from jax.sharding import AxisType, Mesh  # noqa: E402
 
 from dsvl_jax import sharding  # noqa: E402
 from dsvl_jax.train import aot  # noqa: E402
+from dsvl_jax.train.aot_dry_run import DRY_RUN_BANNER, DRY_RUN_HELP  # noqa: E402
 from dsvl_jax.train.config_files import config_module  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +74,8 @@ def _mesh_over_tensorcores():
     compile only, lay the mesh over the TensorCores in device order when make_mesh refuses; a chip's two
     programs together stand for its megacore program (aot_compile adds their memory up per chip)."""
     strict = sharding.make_mesh
+    if getattr(strict, "over_tensorcores", False):  # already patched (dry runs compile in one process)
+        return
 
     def make_mesh(data=-1, fsdp=1, tensor=1, devices=None, slices=1):
         try:
@@ -83,11 +88,12 @@ def _mesh_over_tensorcores():
             sizes[sizes.index(-1)] = len(devices) // math.prod(s for s in sizes if s != -1)
         return Mesh(np.array(devices).reshape(sizes), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
+    make_mesh.over_tensorcores = True
     sharding.make_mesh = make_mesh
 
 
-def compile_one(name: str, variant: str, mfu: float) -> dict:
-    """Compile one variant in this process; the figures as a dict."""
+def compile_one(name: str, variant: str, mfu: float, dry_run: bool = False) -> dict:
+    """Compile one variant in this process (`dry_run`: a tiny model of its layout); the figures as a dict."""
     _mesh_over_tensorcores()
     mod = config_module(slice_files()[name])
     config = mod.get_config(variant)
@@ -98,14 +104,16 @@ def compile_one(name: str, variant: str, mfu: float) -> dict:
                remat=config.model.remat_policy, total_steps=config.total_steps)
     try:
         plan = aot.compile_plan(config, mod.TOPOLOGY, sam_impl=config.model.sam_attention_impl if sam else "pallas",
-                                count_jaxpr=False)
+                                count_jaxpr=False, dry_run=dry_run)
     except aot.DoesNotFit as e:
         return dict(row, fits=False, error=str(e))
     peak = (plan.peak_flops_per_device or float("nan")) * plan.devices
     step_s = plan.model_flops / (mfu * peak)
-    return dict(row, fits=plan.fits, chips=plan.chips, devices=plan.devices, mesh=plan.mesh,
-                memory_gib=round(plan.total_gib, 2), temp_gib=round(plan.temp_gib, 2),
-                argument_gib=round(plan.argument_gib, 2), hbm_gib=plan.hbm_gib, peak_flops=peak,
+    return dict(row, fits=plan.fits, chips=plan.chips, devices=plan.devices, mesh=plan.mesh, batch=plan.batch,
+                seq_len=plan.seq_len, dry_run=dry_run,
+                **{key: float(f"{value:.3g}") if dry_run else round(value, 2)  # a tiny model's: 3 digits
+                   for key, value in (("memory_gib", plan.total_gib), ("temp_gib", plan.temp_gib),
+                                      ("argument_gib", plan.argument_gib))}, hbm_gib=plan.hbm_gib, peak_flops=peak,
                 model_flops=plan.model_flops, hardware_flops=plan.hardware_flops, assumed_mfu=mfu,
                 est_step_s=step_s, est_hfu=plan.hardware_flops / step_s / peak,
                 tokens_per_s_per_chip=plan.batch * plan.seq_len / step_s / plan.chips,
@@ -117,8 +125,9 @@ def format_row(r: dict) -> str:
             f"batch {r['batch']}x{r['seq_len']} in {r['grad_accum']} micro-batches, remat {r['remat']}")
     if "error" in r:
         return f"{head}\n         {'DOES NOT FIT' if r.get('fits') is False else 'FAILED'}: {r['error'][:300]}"
-    return (f"{head}\n         memory {r['memory_gib']:.1f} of {r['hbm_gib']:.0f} GiB per chip "
-            f"({'fits' if r['fits'] else 'DOES NOT FIT'}; temp {r['temp_gib']:.1f}); model {r['model_flops']:.3g} "
+    gib = ".3g" if r.get("dry_run") else ".1f"
+    return (f"{head}\n         memory {r['memory_gib']:{gib}} of {r['hbm_gib']:.0f} GiB per chip "
+            f"({'fits' if r['fits'] else 'DOES NOT FIT'}; temp {r['temp_gib']:{gib}}); model {r['model_flops']:.3g} "
             f"FLOP/step; at {r['assumed_mfu']:.0%} MFU {r['est_step_s']:.1f} s/step (HFU {r['est_hfu']:.0%}, "
             f"{r['tokens_per_s_per_chip']:,.0f} tokens/s/chip); compiled in {r['compile_s']} s")
 
@@ -149,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write all figures to this file")
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed MFU for the expected step time")
     ap.add_argument("--markdown", action="store_true", help="also print the figures as a Markdown table")
+    ap.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP + "; every compile in this process")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # slice:variant, in this process (the worker mode)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -158,7 +168,13 @@ def main(argv=None) -> int:
             json.dump(compile_one(name, variant, args.mfu), f)
         return 0
     rows = []
+    if args.dry_run:
+        print(DRY_RUN_BANNER, flush=True)
     for name, variant in entries(args.only):
+        if args.dry_run:
+            rows.append(compile_one(name, variant, args.mfu, dry_run=True))
+            print(format_row(rows[-1]), flush=True)
+            continue
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", f"{name}:{variant}",
                                    "--out", tmp.name, "--mfu", str(args.mfu)], capture_output=True, text=True)

@@ -142,10 +142,13 @@ def remat_policy(name: str):
     return policies[name]
 
 
-def maybe_remat(module_cls, policy_name: str, static_argnums=()):
+def maybe_remat(module_cls, policy_name: str, static_argnums=(), scanned: bool = True):
+    """`module_cls` under the named checkpoint policy. `scanned=False` for blocks called in a Python loop: there
+    XLA's CSE would merge the backward's recomputation with the forward and keep every activation (SAM's
+    compiled temp memory did not move with full remat); inside a scan the loop already keeps them apart."""
     if policy_name == "none":
         return module_cls
-    return nn.remat(module_cls, policy=remat_policy(policy_name), prevent_cse=False,
+    return nn.remat(module_cls, policy=remat_policy(policy_name), prevent_cse=not scanned,
                     static_argnums=static_argnums)
 
 

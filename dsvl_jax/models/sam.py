@@ -151,7 +151,7 @@ class SamTower(nn.Module):
         pos = self.param("pos_embed", boxed(nn.initializers.zeros, (None, "vis_pos", "vis_pos", "vis_embed")),
                          (1, c.grid, c.grid, c.hidden_size), self.param_dtype)
         x = x + pos.astype(self.dtype)
-        block = maybe_remat(SamBlock, self.remat_policy)
+        block = maybe_remat(SamBlock, self.remat_policy, scanned=False)  # windowed and global blocks differ: a loop
         hd_source = None
         for i in range(c.num_hidden_layers):
             window = 0 if i in c.global_attn_indexes else c.window_size

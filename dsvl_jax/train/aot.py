@@ -78,6 +78,7 @@ from dsvl_jax.data.transforms import DEFAULT_TASKS
 from dsvl_jax.models.vlm import DeepseekVL
 from dsvl_jax.state import abstract_state, param_shardings
 from dsvl_jax.train import flops, hlo_collectives, lora_run, stages, validate
+from dsvl_jax.train.aot_dry_run import DRY_RUN_BANNER, DRY_RUN_HELP, DRY_RUN_SEQ_LEN, dry_run_batch, tiny_model_like
 from dsvl_jax.train.config_files import load_config
 from dsvl_jax.train.optimizer import make_optimizer
 from dsvl_jax.train.step import jit_train_step, make_train_step
@@ -167,6 +168,7 @@ class Plan:
     compile_s: float
     dcn: dict | None = None  # slices > 1: the DCN-crossing collectives (dsvl_jax.train.hlo_collectives.dcn_summary)
     compiled: object = dataclasses.field(default=None, repr=False, compare=False)  # jax Compiled; not in JSON
+    dry_run: bool = False  # a tiny model of the config's layout at tiny shapes (dsvl_jax.train.aot_dry_run)
 
     @property
     def fits(self) -> bool:
@@ -180,11 +182,12 @@ class Plan:
 
 def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=None, grad_accum=None,
                  remat=None, layers=None, images_per_row=None, text_only=False, sam_impl="pallas",
-                 count_jaxpr=True, use_chips=None, slices=None, remat_towers=None) -> Plan:
+                 count_jaxpr=True, use_chips=None, slices=None, remat_towers=None, dry_run=False) -> Plan:
     """Compile `config`'s train step for `topology` (mesh, batch and the rest default to the config's;
     `slices` copies of the slice joined by DCN, the mesh sizes then per slice; `remat_towers`:
     {'sam'|'siglip'|'llm': policy} over `remat`); raises SystemExit naming the flag for bad arguments and
-    `DoesNotFit` when the step exceeds HBM."""
+    `DoesNotFit` when the step exceeds HBM. `dry_run`: every argument checked at the config's shapes, then
+    compiled for a tiny model of the same layout at tiny shapes (`dsvl_jax.train.aot_dry_run`)."""
     slices = slices or config.mesh.get("slices", 1)
     devices, gen, chips = describe_topology(topology, use_chips, slices)
     cfg = validate.model_config(config)
@@ -195,9 +198,13 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
         if tower not in ("sam", "siglip", "llm"):
             raise SystemExit(f"--remat-{tower}: no such tower (sam, siglip, llm)")
         over[f"remat_policy_{tower}"] = policy
+    if layers is not None and layers < 1:
+        raise SystemExit(f"--layers {layers}: must be at least 1")
     if layers:
         over["text"] = dataclasses.replace(cfg.text, num_hidden_layers=layers)
     cfg = cfg.replace(**over)
+    if seq_len is not None and seq_len < 1:
+        raise SystemExit(f"--seq-len {seq_len}: must be at least 1")
     batch = batch or config.batch_size
     seq_len = seq_len or config.seq_len
     grad_accum = grad_accum or config.grad_accum
@@ -210,6 +217,12 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % (shards * grad_accum):
         raise SystemExit(f"--batch {batch} is not divisible by data x fsdp ({shards}) x grad_accum ({grad_accum})")
+    if dry_run:  # everything above checked at the config's shapes; compile the same layout, tiny
+        real_layers = cfg.text.num_hidden_layers
+        cfg = tiny_model_like(cfg)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=min(real_layers,
+                                                                                    cfg.text.num_hidden_layers)))
+        batch, seq_len = dry_run_batch(shards, grad_accum), DRY_RUN_SEQ_LEN
 
     spec = lora_run.spec(config)  # a LoRA config compiles its LoRA step (adapters in the state)
     patterns = lora_run.base_patterns(config) if spec else stages.patterns_for(config.stage, tuple(config.trainable))
@@ -258,12 +271,12 @@ def compile_plan(config, topology: str, mesh_sizes=None, *, batch=None, seq_len=
                 model_flops=analytic["total"], model_flops_causal=analytic["total_causal"],
                 hardware_flops=analytic["total_hardware"],
                 peak_flops_per_device=None if peak is None else peak / per_chip_devices, compile_s=compile_s,
-                dcn=dcn, compiled=compiled)
+                dcn=dcn, compiled=compiled, dry_run=dry_run)
 
 
 def format_plan(p: Plan, step_time: float | None = None) -> str:
     towers = ", ".join(f"{t} {v}" for t, v in p.remat_towers.items() if v != p.remat)
-    lines = [
+    lines = [DRY_RUN_BANNER] * p.dry_run + [
         f"{p.slices} x " * (p.slices > 1) +
         f"{p.topology}: {p.chips} chips ({p.devices} devices), mesh {p.mesh}; batch {p.batch} x {p.seq_len} tokens, "
         f"{p.images_per_row} image slot(s)/row, grad_accum {p.grad_accum}, remat {p.remat}{f' ({towers})' if towers else ''}, {p.layers} LM layers "
@@ -311,6 +324,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step-time", type=float, help="seconds per step: report the MFU it means")
     ap.add_argument("--no-jaxpr-count", action="store_true", help="skip the (trip-count aware) jaxpr FLOP count")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     args = ap.parse_args(argv)
     try:
         config = load_config(args.config)
@@ -322,7 +336,7 @@ def main(argv=None) -> int:
                             images_per_row=args.images_per_row, text_only=args.text_only, sam_impl=args.sam_impl,
                             count_jaxpr=not args.no_jaxpr_count, use_chips=args.use_chips, slices=args.slices,
                             remat_towers={t: getattr(args, f"remat_{t}") for t in ("sam", "siglip", "llm")
-                                          if getattr(args, f"remat_{t}")})
+                                          if getattr(args, f"remat_{t}")}, dry_run=args.dry_run)
     except DoesNotFit as e:
         print(f"DOES NOT FIT: {e}")
         if args.json:
