@@ -5,7 +5,8 @@ is run here, or is named in `ELSEWHERE` with the test that runs the same entry p
   folder that sees the repository's `configs/`, with the installed console scripts on PATH.
 - The configs' `dsvl-train` lines for the released sizes are loaded with their own overrides (placeholders
   replaced by the first run's tokenizer and sources) and must pass `validate.check`: the command is complete.
-- The configs' `tpu/launch.py` lines run with `--dry-run`.
+- The configs' `tpu/launch.py` lines run with `--dry-run`, and so do tpu/README.md's; every other command of
+  tpu/README.md must match a row of `ELSEWHERE` as README.md's do.
 - Every other command must match a row of `ELSEWHERE`, whose test file must exist: a new command in the docs
   fails this test until something runs it.
 """
@@ -37,6 +38,7 @@ ELSEWHERE = [
     (r"^python tools/aot_decode\.py", "tests/test_aot_docs_dry_run.py (the same command with --dry-run)"),
     (r"^python tpu/compile_all\.py", "tests/test_aot_docs_dry_run.py (the same command with --dry-run)"),
     (r"^python tpu/local_cluster\.py", "tests/test_multiprocess.py"),
+    (r"^python tpu/launch\.py \.\.\. ", "a synopsis in prose; tpu/README.md's concrete launch lines run with --dry-run"),
     (r"^python -m dsvl_jax\.eval\.suite_tsv", "tests/test_eval_cli.py"),
     (r"^dsvl-eval ", "tests/test_eval_cli.py; the first run calls dsvl-eval"),
     (r"^dsvl-serve ", "tests/test_serve.py"),
@@ -74,6 +76,17 @@ def _spans(text: str):
     """Inline code spans outside fenced blocks, table pipes unescaped."""
     outside = re.sub(r"^ *```.*?^ *```", "", text, flags=re.M | re.S)
     return [s.replace("\\|", "|") for s in re.findall(r"`([^`\n]+)`", outside)]
+
+
+def doc_commands(path: str) -> list[str]:
+    """Every command a Markdown file shows: bash blocks and inline spans."""
+    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
+    out = []
+    for lang, body in _blocks(text):
+        if lang == "bash":
+            out += [_strip_comment(c) for c in _join_continuations(body.splitlines())]
+    out += [s for s in _spans(text) if " " in s]
+    return [c for c in out if COMMAND.match(c)]
 
 
 def readme_commands() -> tuple[list[str], str, list[str]]:
@@ -216,6 +229,21 @@ def test_config_docstring_train_commands_are_complete(first_run):
             check(c, device_count=devices)
             checked += 1
     assert checked >= 4
+
+
+def test_tpu_readme_commands_run_or_are_named():
+    """tpu/README.md: each concrete `python tpu/launch.py` line prints its gcloud commands under --dry-run; every
+    other command is run by the test `ELSEWHERE` names."""
+    ran = 0
+    for cmd in doc_commands("tpu/README.md"):
+        if cmd.startswith("python tpu/launch.py") and " ... " not in cmd:
+            dry = cmd.replace("python tpu/launch.py", f"{sys.executable} tpu/launch.py --dry-run", 1)
+            r = subprocess.run(["bash", "-c", dry], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0 and "gcloud" in r.stdout, f"tpu/README.md: {dry}\n{r.stdout[-1000:]}{r.stderr[-2000:]}"
+            ran += 1
+        else:
+            assert _where(cmd), f"tpu/README.md: nothing runs `{cmd}` (run it, or name its test in ELSEWHERE)"
+    assert ran >= 5
 
 
 def test_config_docstring_launch_commands_dry_run(tmp_path):
