@@ -17,9 +17,11 @@ LLM projection, the adaptor MLP (aligner/) in full, everything else frozen (no o
         --config.data.tokenizer=... --config.data.sources_json='[...]'
     dsvl-convert LOCAL_COPY_OF_WORKDIR 7b-peft --to peft     # adapter_config.json + adapter_model.safetensors
     dsvl-convert LOCAL_COPY_OF_WORKDIR 7b-merged --to hf --merge
-  AOT per-chip memory on v5p-8: not measured (a 7B compile takes 15-30 min on the 2-core dev host; the 1.3B's
-  LoRA / full figures are in configs/deepseek_vl_1p3b.py). This compiles it:
-  `python tools/aot_compile.py --config configs/deepseek_vl_7b.py:lora --topology v5p:2x2x1 --grad-accum 16`.
+  AOT per-chip memory on v5p-8 (4 chips, fsdp=4, grad_accum 64: 1 row x 4,096 tokens a chip, 4 image slots a row),
+  `python tools/aot_compile.py --config configs/deepseek_vl_7b.py:lora --topology v5p:2x2x1 --grad-accum 64`:
+  LoRA 10.6 args + 33.6 temp = 44.3 GiB vs full stage 3 (`:stage3`, same flags) 23.8 + 52.1 = 76.0 GiB (of 95),
+  compiled in 23 and 6 min on the 2-core host. At grad_accum 16 (4 rows a chip) even LoRA does not fit: 109 GB
+  of temporaries (the compile says so in 17 s).
 """
 from dsvl_jax.config import deepseek_vl_7b
 from dsvl_jax.train.config_base import lora_sft, released_size_config
