@@ -4,7 +4,7 @@ time, as LoRA / full ratios, measured in one run.
 
     .venv/bin/python benchmarks/lora_vs_full.py [--rank 16] [--steps 10] [--batch 8] [--seq-len 96] [--dry-run]
 
-`--dry-run` (what `make test` runs): r = 4, one timed step of 2 rows x 48 tokens.
+`--dry-run` (what `make test` runs): r = 4, one timed step of 2 rows x 48 tokens, one block per tower and LM layer.
 
 Both steps are the trainer's (`make_train_step` over `make_state`), jit-compiled once, on one CPU device, on the
 same random multimodal batch (one image slot a row). The time is the median of `--steps` steps after a warm-up.
@@ -13,6 +13,7 @@ AOT per-chip memory for the 7B's LoRA config: not measured here (see configs/dee
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -92,6 +93,10 @@ def main(argv=None):
         args.rank, args.steps, args.batch, args.seq_len = 4, 1, 2, 48
     jax.config.update("jax_default_matmul_precision", "highest")
     cfg = tiny()
+    if args.dry_run:  # compiling dominates a dry run: one block per tower and LM layer (one SAM block, global)
+        cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=1),
+                          siglip=dataclasses.replace(cfg.siglip, num_hidden_layers=1),
+                          sam=dataclasses.replace(cfg.sam, num_hidden_layers=1, global_attn_indexes=(0,)))
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     batch = batch_for(cfg, args.batch, args.seq_len)
     print(f"tiny hybrid config, batch {args.batch} x {args.seq_len} tokens, 1 image a row, {jax.devices()[0].device_kind}")

@@ -68,7 +68,7 @@ def test_stage_chain_trains_exactly_the_paper_sets(corpus, tmp_path):
         before, prev = after, wd
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~40 s; make test checks exact resume after a signal (below) and after SIGKILLs (crash safety)
 def test_stop_and_resume_is_bit_identical(corpus, tmp_path):
     """config.stop_at_step stops (and saves) early on the full schedule; running again finishes it exactly as an
     uninterrupted run does."""
