@@ -59,6 +59,7 @@ def _import_in_child(module: str) -> tuple[str, str]:
     return module, ""
 
 
+@pytest.mark.heavy  # ~20 s of fresh interpreters; the static graph and cycle tests above run in make test
 def test_every_module_imports_in_a_fresh_interpreter():
     # One process per module (max_tasks_per_child=1): an import that only works after some other module was
     # imported first (an order-dependent cycle, a missing import hidden by a sibling) fails here.
