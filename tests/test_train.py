@@ -25,7 +25,7 @@ def _cfg(corpus, variant, **kw):
     return tiny_config(variant, srcs, tok, **base)
 
 
-@pytest.mark.heavy  # ~45 s; make test checks the step itself (tests/test_lora_step.py, full-parameter variant)
+@pytest.mark.slow
 def test_sharded_step_equals_single_device(corpus, tmp_path):
     one = train(_cfg(corpus, "stage2", **{"mesh.data": 1, "mesh.devices": 1}), str(tmp_path / "one"))
     eight = train(_cfg(corpus, "stage2", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}), str(tmp_path / "8"))
