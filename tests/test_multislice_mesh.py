@@ -78,3 +78,15 @@ def test_tpu_slices_follow_slice_index():
     assert sharding.mesh_slice_of(mesh, 2).tolist() == [d.slice_index for d in mesh.devices.reshape(-1)]
     with pytest.raises(ValueError, match=r"slices=4: the 8 devices are in 2 slice"):
         sharding.make_mesh(1, -1, 1, devices=devices, slices=4)
+
+
+def test_cpu_processes_stand_for_slices_but_one_tpu_slice_is_not_two():
+    """CPU devices under jax.distributed all report slice_index 0: one process a slice there (the two-process
+    test). A TPU slice whose hosts are two processes is still one slice: asking for two is an error."""
+    from types import SimpleNamespace as D
+    cpu = [D(id=i, platform="cpu", slice_index=0, process_index=i // 4) for i in range(8)]
+    groups, by = sharding.slice_groups(cpu, 2)
+    assert by == "process" and [[d.id for d in g] for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    tpu = [D(id=i, platform="tpu", slice_index=0, process_index=i // 4) for i in range(8)]
+    with pytest.raises(ValueError, match="slices=2: the 8 devices are in 1 slice"):
+        sharding.slice_groups(tpu, 2)
