@@ -78,17 +78,6 @@ def _spans(text: str):
     return [s.replace("\\|", "|") for s in re.findall(r"`([^`\n]+)`", outside)]
 
 
-def doc_commands(path: str) -> list[str]:
-    """Every command a Markdown file shows: bash blocks and inline spans."""
-    text = open(os.path.join(ROOT, path), encoding="utf-8").read()
-    out = []
-    for lang, body in _blocks(text):
-        if lang == "bash":
-            out += [_strip_comment(c) for c in _join_continuations(body.splitlines())]
-    out += [s for s in _spans(text) if " " in s]
-    return [c for c in out if COMMAND.match(c)]
-
-
 def readme_commands() -> tuple[list[str], str, list[str]]:
     """(the first bash block's commands, the first python block, every other command)."""
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
@@ -235,7 +224,7 @@ def test_tpu_readme_commands_run_or_are_named():
     """tpu/README.md: each concrete `python tpu/launch.py` line prints its gcloud commands under --dry-run; every
     other command is run by the test `ELSEWHERE` names."""
     ran = 0
-    for cmd in doc_commands("tpu/README.md"):
+    for cmd in tpu_readme_commands():
         if cmd.startswith("python tpu/launch.py") and " ... " not in cmd:
             dry = cmd.replace("python tpu/launch.py", f"{sys.executable} tpu/launch.py --dry-run", 1)
             r = subprocess.run(["bash", "-c", dry], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
