@@ -20,9 +20,7 @@ import jax
 from tqdm import tqdm
 
 from dsvl_jax import sharding, tasks
-from dsvl_jax.convert import lora_orbax
 from dsvl_jax.convert.load import load_pretrained
-from dsvl_jax.convert.orbax_io import load_orbax_params
 from dsvl_jax.demo import data, evaluate, hf_check, recipe, report
 from dsvl_jax.demo.recipe import ModelSize
 from dsvl_jax.eval import cli as eval_cli
@@ -213,11 +211,6 @@ def variant_name(merge: int, tags: bool) -> str:
     return f"merge{merge}" + ("_tags" if tags else "")
 
 
-def _load(stage_dir: str) -> VLM:
-    """The model a stage folder's latest checkpoint holds; a LoRA run's adapters merged into its kernels."""
-    return load_pretrained(stage_dir) if lora_orbax.is_lora_run(stage_dir) else VLM(*load_orbax_params(stage_dir))
-
-
 def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, seen, prior, budget, merge: int,
                      tags: bool) -> tuple[dict, Variant]:
     """Stages (0 →) 1 → 2 → 3 of one variant (token merge, task-tag prompting), scored before, during and after."""
@@ -259,7 +252,7 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
             out = clock.run(name, train, cfg, wd)
             walls, cpus = walls + clock.phases[name]["wall_s"], cpus + clock.phases[name]["cpu_s"]
             if chunk:
-                sc = evaluate.score(_load(wd), processor, heldout, **ev)
+                sc = evaluate.score(load_pretrained(wd), processor, heldout, **ev)
                 point = {"stage3_step": int(out["step"]), "demo_wall_s": clock.total,
                          "train_wall_s": sum(t["wall_s"] for t in stage_times.values()) + walls,
                          "mean": sc.mean, "per_family": sc.per_family}
@@ -269,7 +262,7 @@ def _train_and_score(s: Settings, clock: Clock, workdir, corpus, tok, heldout, s
         clock.phases[name] = stage_times[stage] = {"wall_s": walls, "cpu_s": cpus}
         _say(f"{STAGE_NAMES[stage]}: loss {out.get('loss', float('nan')):.3f}, {walls:.0f}s wall")
         prev = wd
-    vlm = _load(prev)
+    vlm = load_pretrained(prev)  # a stage folder's latest checkpoint; a LoRA run's adapters merged
     after = clock.run(f"{key}/eval_after", evaluate.score, vlm, processor, heldout, **ev)
     shuffled = clock.run(f"{key}/eval_shuffled", evaluate.score, vlm, processor,
                          evaluate.with_shuffled_images(heldout, s.seed), **ev)
